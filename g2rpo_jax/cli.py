@@ -1,0 +1,30 @@
+"""`g2rpo <subcommand>`: train, evaluate."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": ("g2rpo_jax.train", "train with G²RPO-A"),
+    "evaluate": ("g2rpo_jax.evaluate", "evaluate a trained checkpoint on held-out problems"),
+}
+
+USAGE = "usage: g2rpo {" + ",".join(SUBCOMMANDS) + "} [options]\n\n" + "\n".join(
+    f"  {name:<9} {text} (g2rpo {name} --help)" for name, (_, text) in SUBCOMMANDS.items())
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] not in SUBCOMMANDS:
+        print(f"{USAGE}\n\nerror: unknown subcommand '{argv[0]}'; choose one of {', '.join(SUBCOMMANDS)}",
+              file=sys.stderr)
+        return 2
+    return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Typed configuration: dataclass sections, YAML loading, dotted `key=value` overrides.
+
+Knob names follow TRL's GRPOConfig where one exists (num_generations, beta, epsilon,
+epsilon_high, loss_type, scale_rewards, max_completion_length, temperature, top_p, top_k,
+num_iterations, reward_weights) and transformers' model configs for the `model` section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Optional
+
+import yaml
+
+from g2rpo_jax.guidance import GuidanceConfig
+from g2rpo_jax.models.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; its message is one line naming the key and the fix."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: Literal["embedded"] = "embedded"
+    seed: int = 0
+    modulus: int = 10
+    num_train: int = 4000
+    train_min_steps: int = 1
+    train_max_steps: int = 6
+    num_test: int = 200
+    test_min_steps: int = 4
+    test_max_steps: int = 6
+    max_prompt_length: int = 24
+    max_guidance_length: int = 48
+    order: Literal["shuffle", "sequential"] = "shuffle"
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    num_generations: int = 8
+    prompts_per_step: int = 16
+    max_completion_length: int = 48
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    reward_funcs: list[str] = dataclasses.field(default_factory=lambda: ["accuracy"])
+    reward_weights: Optional[list[float]] = None  # None = all 1.0
+    # The reward component that drives the guidance controller (SPEC section 5).
+    controller_signal: str = "accuracy"
+
+
+@dataclasses.dataclass
+class LossConfig:
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    beta: float = 0.04
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None  # None = epsilon (symmetric clip)
+    num_iterations: int = 1
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    kl_estimator: Literal["k1", "k3", "low_var"] = "k3"
+    guidance_loss: Literal["train", "mask", "importance"] = "train"
+    importance_gamma: float = 0.1
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    learning_rate: float = 1e-5
+    lr_scheduler_type: Literal["cosine_with_min_lr", "constant"] = "cosine_with_min_lr"
+    min_lr_rate: float = 0.1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class WarmStartConfig:
+    """Supervised stage on easy problems' solutions (the paper's SFT baseline)."""
+
+    enabled: bool = True
+    steps: int = 400
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    num_examples: int = 4000
+    min_steps: int = 1
+    max_steps: int = 2
+    cache_dir: str = "~/.cache/g2rpo_jax/warm_start"
+    use_cache: bool = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    max_steps: int = 200
+    seed: int = 0
+    output_dir: str = "runs/default"
+    progress: bool = True
+    log_every: int = 10  # console log line every N steps (metrics.jsonl gets every step)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    every_steps: int = 50  # also at step 0 and at the end; 0 = only step 0 and the end
+    num_problems: int = 200
+    batch_size: int = 200
+    max_new_tokens: int = 48
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save_final: bool = True
+    every_steps: int = 0
+    max_to_keep: int = 2
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = -1  # -1 = all remaining devices
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    warm_start: WarmStartConfig = dataclasses.field(default_factory=WarmStartConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+# ---------------------------------------------------------------- type coercion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value (or a string from the command line) to the field's type."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+            raise bad
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise bad
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, item_tp, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise bad
+        return str(value)
+    raise bad
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _set_key(raw: dict, dotted: str, value: Any) -> None:
+    section, _, field = dotted.partition(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section '{section}' in '{dotted}'; valid sections: {', '.join(SECTIONS)}")
+    if not field or "." in field:
+        raise ConfigError(f"config key '{dotted}' must look like section.field, e.g. train.max_steps=20")
+    raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
+    raw[section][field] = value
+
+
+def _build(raw: dict) -> Config:
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown config section '{name}'; valid sections: {', '.join(SECTIONS)}")
+        body = body or {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section '{name}' must be a mapping of field: value, got {body!r}")
+        cls = hints[name]
+        types_ = _section_types(cls)
+        kwargs = {}
+        for field, value in body.items():
+            if field not in types_:
+                raise ConfigError(
+                    f"unknown config key '{name}.{field}'; valid keys in '{name}': {', '.join(types_)}"
+                )
+            kwargs[field] = _coerce(value, types_[field], f"{name}.{field}")
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks, each failing with one line naming the key to change."""
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    r, d = cfg.rollout, cfg.data
+    check(r.num_generations >= 2, "rollout.num_generations must be >= 2 (group advantages need a spread)")
+    check(r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
+    check(r.max_completion_length >= 1, "rollout.max_completion_length must be >= 1")
+    check(r.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used only for eval)")
+    check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
+    check(r.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)")
+    check(cfg.train.max_steps >= 0, "train.max_steps must be >= 0")
+    check(cfg.loss.num_iterations >= 1, "loss.num_iterations must be >= 1")
+    check(cfg.loss.beta >= 0, "loss.beta must be >= 0")
+    check(d.train_min_steps <= d.train_max_steps, "data.train_min_steps must be <= data.train_max_steps")
+    check(d.test_min_steps <= d.test_max_steps, "data.test_min_steps must be <= data.test_max_steps")
+    check(r.prompts_per_step <= d.num_train, "rollout.prompts_per_step must be <= data.num_train")
+    w = cfg.reward
+    check(
+        w.reward_weights is None or len(w.reward_weights) == len(w.reward_funcs),
+        f"reward.reward_weights has {len(w.reward_weights or [])} entries but reward.reward_funcs has "
+        f"{len(w.reward_funcs)}; give one weight per function",
+    )
+    check(
+        w.controller_signal in w.reward_funcs,
+        f"reward.controller_signal '{w.controller_signal}' is not one of reward.reward_funcs {w.reward_funcs}",
+    )
+    try:
+        cfg.guidance.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """YAML file (optional) then `section.key=value` overrides, applied in order."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' not found; pass an existing YAML, e.g. configs/default.yaml") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.max_steps=20")
+        _set_key(raw, key.strip(), yaml.safe_load(value) if value.strip() else value)
+    return _build(raw)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe_sections() -> str:
+    """Text for --help: each section and its keys with defaults."""
+    lines = []
+    default = Config()
+    for name in SECTIONS:
+        section = getattr(default, name)
+        keys = ", ".join(f"{f.name}={getattr(section, f.name)!r}" for f in dataclasses.fields(section))
+        lines.append(f"  {name}: {keys}")
+    return "\n".join(lines)

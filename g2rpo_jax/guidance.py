@@ -1,0 +1,248 @@
+"""Guidance-length controller and schedules (SPEC section 5), as pure functions on a pytree.
+
+`GuidanceState` is carried inside the jitted train step; `update_guidance(state, r_k, cfg)` is called
+once per optimizer step with that step's mean accuracy `r_k` and returns the state whose `length`
+applies from the NEXT optimizer step. `cfg` is static (hashable frozen dataclass): only its strings
+and numbers select the code path; every traced value goes through `jnp.where` / `lax` ops, so one
+compile serves every guidance length.
+
+Schedules (`cfg.schedule`), with k = number of optimizer steps completed after the update (k >= 1):
+
+- ``fixed``: ``L = initial_length`` forever.
+- ``linear_decay``: ``L_k = max(0, round(L_max * (1 - k / total_steps)))`` (the paper's rule-based
+  baseline decays to 0; past ``total_steps`` it stays 0). The initial state has ``L_0 = L_max``.
+- ``cosine``: ``L_k = round(L_max * 0.5 * (1 + cos(pi * min(k, total_steps) / total_steps)))``
+  (UFT-style annealing, stays 0 past ``total_steps``). The initial state has ``L_0 = L_max``.
+- ``adaptive`` with ``rule="paper"``: with ``m = min(T, k - 1)`` previous rewards,
+  ``L = clip(floor(L * mean(previous m rewards) / r_k), L_min, L_max)`` when ``m >= 1``, ``r_k > 0``
+  and the mean ``> 0``; otherwise unchanged. Then ``r_k`` is pushed into the ring buffer.
+- ``adaptive`` with ``rule="reference"`` (the public code): cycles of 3 optimizer steps. The first
+  two steps of a cycle only record their rewards; the third compares its reward ``r`` with the mean
+  ``m`` of the two and, only when ``r > 0`` and ``m > 0``: ``r < m`` -> ``L = int(min(L*m/r, L_max))``;
+  ``r > m`` -> ``L = max(int(L*m/r), 1)`` (the public code hard-codes 1, not ``L_min``); equal ->
+  unchanged. The third reward is not reused. Updates happen after steps 3, 6, 9, ... Here ``count``
+  is the per-cycle counter (0, 1, 2) and only ``history[0:2]`` is used.
+
+Rounding conventions:
+- ``round`` is ``jnp.round``: round half to even (the same as Python's ``round``).
+- ``floor`` / ``int`` of the ratio ``x = L * mean / r``: the reference evaluates it in float64 Python;
+  we compute in float32 (the state lives on device, x64 is off), where an exact-integer ratio such as
+  ``64 * 0.2 / 0.4`` can come out as ``31.999998``. We floor ``x * (1 + 1e-6)`` (`_FLOOR_REL_TOL`,
+  about 8 float32 ulps, above the ~3 ulps of error of the three roundings), so exact-integer ratios
+  land on the intended integer. Two deliberate differences from the float64 reference follow:
+  (a) where float64 itself lands just below an exact integer (``64 * ((0.3 + 0.35) / 2) / 0.4`` is
+  ``51.99999999999999`` in Python, so the public code gives 51) we give the intended 52; (b) a true
+  ratio within a relative 1e-6 below an integer (e.g. 2999.998 with L near 3000) floors up here.
+
+The guidance ratio ``alpha`` is carried in the state (``ratio``) so a later adaptive-alpha extension
+(SPEC section 6) needs no state change; every schedule here keeps it at ``cfg.ratio``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+
+SCHEDULES = ("fixed", "linear_decay", "cosine", "adaptive")
+RULES = ("paper", "reference")
+
+# Relative tolerance for float32 floor of L * mean / r (see module docstring).
+_FLOOR_REL_TOL = 1e-6
+# Cycle length of the reference rule: two recording steps then one comparing step.
+_REFERENCE_CYCLE = 3
+
+
+@flax.struct.dataclass
+class GuidanceState:
+    """Controller state; a pytree of scalars and one small buffer.
+
+    length:  int32 scalar, current guidance length L (tokens of the trace prefilled into guided rows).
+    ratio:   float32 scalar, current guidance ratio alpha.
+    history: float32 [T], ring buffer of past step rewards (slot ``i % T`` holds the i-th reward,
+             0-based; for ``rule="reference"`` slots 0 and 1 hold the current cycle's two rewards).
+    count:   int32 scalar, rewards recorded so far (``reference``: position inside the cycle, 0..2).
+    step:    int32 scalar, optimizer steps completed.
+    """
+
+    length: jax.Array
+    ratio: jax.Array
+    history: jax.Array
+    count: jax.Array
+    step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceConfig:
+    """The YAML section ``guidance``."""
+
+    schedule: str = "adaptive"  # fixed | linear_decay | cosine | adaptive
+    rule: str = "paper"  # paper | reference (only for adaptive)
+    ratio: float = 0.25  # alpha; 0 => vanilla GRPO (no guided rows)
+    initial_length: int = 64  # L_0
+    min_length: int = 1  # L_min
+    max_length: int = 64  # L_max
+    history_size: int = 2  # T
+    total_steps: int = 0  # linear_decay / cosine horizon; 0 = train.max_steps (the caller fills it)
+
+    def validate(self) -> None:
+        """Raise ValueError with one message naming the field and its valid values."""
+
+        def _is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"guidance.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"guidance.rule must be one of {list(RULES)}, got {self.rule!r}")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"guidance.ratio must be a number in [0, 1] (0 = vanilla GRPO), got {self.ratio!r}")
+        for name in ("initial_length", "min_length", "max_length", "history_size", "total_steps"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"guidance.{name} must be an integer, got {getattr(self, name)!r}")
+        if self.min_length < 0:
+            raise ValueError(f"guidance.min_length must be >= 0, got {self.min_length}")
+        if self.max_length < self.min_length:
+            raise ValueError(
+                f"guidance.max_length ({self.max_length}) must be >= guidance.min_length ({self.min_length})"
+            )
+        if not self.min_length <= self.initial_length <= self.max_length:
+            raise ValueError(
+                f"guidance.initial_length ({self.initial_length}) must lie in "
+                f"[guidance.min_length, guidance.max_length] = [{self.min_length}, {self.max_length}]"
+            )
+        if self.history_size < 2:
+            raise ValueError(f"guidance.history_size must be >= 2, got {self.history_size}")
+        if self.total_steps < 0:
+            raise ValueError(
+                f"guidance.total_steps must be >= 0 (0 = use train.max_steps), got {self.total_steps}"
+            )
+
+
+def init_guidance_state(cfg: GuidanceConfig) -> GuidanceState:
+    """Initial state: L = initial_length (fixed, adaptive) or max_length (linear_decay, cosine)."""
+    cfg.validate()
+    length0 = cfg.max_length if cfg.schedule in ("linear_decay", "cosine") else cfg.initial_length
+    return GuidanceState(
+        length=jnp.asarray(length0, jnp.int32),
+        ratio=jnp.asarray(cfg.ratio, jnp.float32),
+        history=jnp.zeros((cfg.history_size,), jnp.float32),
+        count=jnp.asarray(0, jnp.int32),
+        step=jnp.asarray(0, jnp.int32),
+    )
+
+
+def _floor_ratio(x: jax.Array) -> jax.Array:
+    """floor(x) robust to float32 rounding of exact-integer ratios (x >= 0)."""
+    return jnp.floor(x * (1.0 + _FLOOR_REL_TOL))
+
+
+def _push(history: jax.Array, count: jax.Array, reward: jax.Array) -> jax.Array:
+    return history.at[count % history.shape[0]].set(reward)
+
+
+def _update_paper(state: GuidanceState, r: jax.Array, cfg: GuidanceConfig) -> GuidanceState:
+    T = cfg.history_size
+    m = jnp.minimum(state.count, T)  # = min(T, k - 1) when one reward is recorded per step
+    # While count < T the valid entries are slots 0..count-1; afterwards every slot is valid.
+    valid = jnp.arange(T) < m
+    mean_prev = jnp.sum(jnp.where(valid, state.history, 0.0)) / jnp.maximum(m, 1).astype(jnp.float32)
+    do = (m >= 1) & (r > 0) & (mean_prev > 0)
+    safe_r = jnp.where(do, r, 1.0)
+    proposed = _floor_ratio(state.length.astype(jnp.float32) * mean_prev / safe_r)
+    proposed = jnp.clip(proposed, cfg.min_length, cfg.max_length).astype(jnp.int32)  # clip in float: no overflow
+    length = jnp.where(do, proposed, state.length)
+    return state.replace(
+        length=length,
+        history=_push(state.history, state.count, r),
+        count=state.count + 1,
+        step=state.step + 1,
+    )
+
+
+def _update_reference(state: GuidanceState, r: jax.Array, cfg: GuidanceConfig) -> GuidanceState:
+    compare = state.count >= _REFERENCE_CYCLE - 1  # third step of the cycle
+    m = 0.5 * (state.history[0] + state.history[1])
+    do = compare & (r > 0) & (m > 0)
+    safe_r = jnp.where(do, r, 1.0)
+    Lf = state.length.astype(jnp.float32)
+    x = Lf * m / safe_r
+    up = jnp.minimum(_floor_ratio(jnp.minimum(x, float(cfg.max_length))), float(cfg.max_length))  # int(min(x, L_max))
+    down = jnp.maximum(_floor_ratio(x), 1.0)  # max(int(x), 1)
+    new = jnp.where(r < m, up, jnp.where(r > m, down, Lf)).astype(jnp.int32)
+    length = jnp.where(do, new, state.length)
+    # Recording steps write slot `count`; the comparing step writes nothing and restarts the cycle.
+    slot = jnp.minimum(state.count, 1)
+    history = jnp.where(compare, state.history, state.history.at[slot].set(r))
+    count = jnp.where(compare, 0, state.count + 1).astype(jnp.int32)
+    return state.replace(length=length, history=history, count=count, step=state.step + 1)
+
+
+def _require_total_steps(cfg: GuidanceConfig) -> int:
+    if cfg.total_steps <= 0:
+        raise ValueError(
+            f"guidance.schedule={cfg.schedule!r} needs guidance.total_steps > 0; set it, or let the trainer "
+            "fill it from train.max_steps (guidance.total_steps: 0 means 'use train.max_steps')"
+        )
+    return cfg.total_steps
+
+
+def update_guidance(state: GuidanceState, reward, cfg: GuidanceConfig) -> GuidanceState:
+    """Advance the controller by one optimizer step with that step's mean accuracy ``reward``.
+
+    jit-able with ``cfg`` static (``jax.jit(update_guidance, static_argnames="cfg")``). The returned
+    ``length`` is the one to use from the next optimizer step on. Every schedule records ``reward``
+    (``fixed`` / ``linear_decay`` / ``cosine`` / ``paper``: ring buffer; ``reference``: cycle slots).
+    """
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"guidance.schedule must be one of {list(SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.rule not in RULES:
+        raise ValueError(f"guidance.rule must be one of {list(RULES)}, got {cfg.rule!r}")
+    r = jnp.asarray(reward, jnp.float32)
+
+    if cfg.schedule == "adaptive":
+        if cfg.rule == "paper":
+            return _update_paper(state, r, cfg)
+        return _update_reference(state, r, cfg)
+
+    k = state.step + 1
+    recorded = state.replace(history=_push(state.history, state.count, r), count=state.count + 1, step=k)
+    if cfg.schedule == "fixed":
+        return recorded.replace(length=jnp.asarray(cfg.initial_length, jnp.int32))
+    total = float(_require_total_steps(cfg))
+    kf = jnp.minimum(k.astype(jnp.float32), total)
+    if cfg.schedule == "linear_decay":
+        L = jnp.round(cfg.max_length * (1.0 - kf / total))
+    else:  # cosine
+        L = jnp.round(cfg.max_length * 0.5 * (1.0 + jnp.cos(jnp.pi * kf / total)))
+    return recorded.replace(length=jnp.maximum(L, 0.0).astype(jnp.int32))
+
+
+def num_guided(ratio, num_generations: int) -> jax.Array:
+    """Guided rows per group: ``k = clip(round(alpha * G), 0, G)`` as int32.
+
+    ``jnp.round`` rounds half to even, like Python's ``round`` (alpha=0.25, G=10 -> 2.5 -> 2;
+    alpha=0.25, G=8 -> 2; alpha=0.15, G=10 -> float32 1.5000001 -> 2). Chosen so that a Python
+    reference ``round(alpha * G)`` agrees at exact halves; ``ratio`` may be traced (state.ratio).
+    """
+    k = jnp.round(jnp.asarray(ratio, jnp.float32) * num_generations)
+    return jnp.clip(k, 0, num_generations).astype(jnp.int32)
+
+
+def guide_lengths(state: GuidanceState, trace_lengths, num_generations: int) -> jax.Array:
+    """Per rollout row prefix length, int32 [B].
+
+    ``trace_lengths``: int [B], the tokenized guidance-trace length of each row's prompt (rows of one
+    group contiguous, B = num_prompts * G). Row i gets ``min(L, trace_lengths[i])`` when
+    ``i % G < num_guided(state.ratio, G)`` and 0 otherwise (no pad tokens: a short trace is used whole).
+    """
+    trace_lengths = jnp.asarray(trace_lengths, jnp.int32)
+    B = trace_lengths.shape[0]
+    if B % num_generations != 0:
+        raise ValueError(f"trace_lengths has {B} rows, not a multiple of num_generations={num_generations}")
+    k = num_guided(state.ratio, num_generations)
+    guided = (jnp.arange(B) % num_generations) < k
+    L = jnp.maximum(state.length, 0)
+    return jnp.where(guided, jnp.minimum(L, jnp.maximum(trace_lengths, 0)), 0).astype(jnp.int32)

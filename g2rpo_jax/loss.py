@@ -1,0 +1,275 @@
+"""GRPO-family loss pieces as small pure jnp functions (SPEC section 4).
+
+Shapes: B = num_prompts * G rollout rows (rows of one group contiguous), T = completion positions.
+All per-token arrays (`logp`, `old_logp`, `ref_logp`, masks) are [B, T] and aligned: position t holds
+the log-prob of completion token t. `completion_mask` marks completion tokens (guidance prefix +
+generated tokens up to and including the first EOS); `guidance_mask` marks the guidance-prefix tokens
+(a subset of `completion_mask`). Masks may be bool or 0/1 floats.
+
+Per token (before aggregation), with ``rho = exp(logp - old_logp)``:
+``l_t = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t``.
+
+Guidance tokens (`guidance_loss`):
+- ``train`` (reference behaviour): they count like any completion token.
+- ``mask``: removed from the mask (context only).
+- ``importance`` (our extension, LUFFY-style policy shaping): on guidance tokens the clipped ratio
+  term is replaced by ``-(pi / (pi + gamma)) * A`` with ``pi = exp(logp)`` (gradient through pi, no
+  clipping: the weight is already bounded in (0, 1)); the KL term still applies.
+
+Aggregation (`loss_type`) over the effective mask:
+- ``grpo``: mean over each sequence's tokens, then mean over sequences that have at least one token
+  (an empty sequence contributes nothing and is left out of the denominator).
+- ``bnpo`` / ``dapo``: sum over all tokens / number of tokens. Within ONE batch both are the token
+  mean; they differ only across gradient accumulation / processes (TRL: bnpo normalises each local
+  micro-batch, dapo by the global token count). `loss_parts` returns numerator and denominator so a
+  caller can implement either by summing the parts it wants before dividing.
+- ``dr_grpo``: sum / (B * max_completion_length).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+KL_ESTIMATORS = ("k1", "k3", "low_var")
+GUIDANCE_LOSSES = ("train", "mask", "importance")
+SCALE_REWARDS = ("group", "batch", "none")
+
+# `low_var` clips the k3 estimate to this range (k3 >= 0, so in effect to [0, 10]): the clamp used by
+# verl's "low_var_kl", which bounds the rare huge values when ref >> logp.
+LOW_VAR_KL_CLIP = 10.0
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def group_advantages(rewards, num_generations: int, scale_rewards: str = "group", eps: float = 1e-4):
+    """Group-relative advantages, float32 [B].
+
+    ``A_i = (R_i - mean_g) / (std + eps)``, mean over the group of row i (G contiguous rows), std with
+    Bessel's correction (ddof=1): over the group (``group``), over the whole batch (``batch``; the
+    centring stays per group, as TRL does), or no division at all (``none``: ``A_i = R_i - mean_g``).
+    A group whose rewards are all equal gets zero advantages under every choice.
+    """
+    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    r = jnp.asarray(rewards, jnp.float32)
+    if r.ndim != 1 or r.shape[0] % num_generations != 0:
+        raise ValueError(
+            f"rewards must be 1-D with a length divisible by num_generations={num_generations}, got shape {r.shape}"
+        )
+    if scale_rewards != "none" and r.shape[0] < 2:
+        raise ValueError("scale_rewards needs at least 2 rewards for a Bessel-corrected std")
+    grouped = r.reshape(-1, num_generations)
+    centred = grouped - grouped.mean(axis=1, keepdims=True)
+    if scale_rewards == "group":
+        if num_generations < 2:
+            raise ValueError("scale_rewards='group' needs num_generations >= 2 (std with ddof=1)")
+        centred = centred / (grouped.std(axis=1, ddof=1, keepdims=True) + eps)
+    elif scale_rewards == "batch":
+        centred = centred / (r.std(ddof=1) + eps)
+    return centred.reshape(-1)
+
+
+def token_log_probs(logits, targets):
+    """log softmax(logits)[targets]: [B, T, V], [B, T] -> float32 [B, T].
+
+    Computed as ``logits[target] - logsumexp(logits)`` in float32, which is exactly log_softmax
+    followed by take_along_axis without materialising a second [B, T, V] array.
+    """
+    logits = jnp.asarray(logits).astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, jnp.asarray(targets)[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def kl_penalty(logp, ref_logp, estimator: str = "k3"):
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs.
+
+    - ``k1``: ``logp - ref_logp`` (unbiased, high variance, can be negative).
+    - ``k3``: ``exp(ref - logp) - (ref - logp) - 1`` (unbiased, always >= 0; the GRPO default).
+    - ``low_var``: k3 clipped to ``[-10, 10]`` (`LOW_VAR_KL_CLIP`; since k3 >= 0 this caps it at 10).
+    """
+    _check_choice("kl_estimator", estimator, KL_ESTIMATORS)
+    logp = jnp.asarray(logp, jnp.float32)
+    ref_logp = jnp.asarray(ref_logp, jnp.float32)
+    if estimator == "k1":
+        return logp - ref_logp
+    d = ref_logp - logp
+    k3 = jnp.exp(d) - d - 1.0
+    if estimator == "low_var":
+        k3 = jnp.clip(k3, -LOW_VAR_KL_CLIP, LOW_VAR_KL_CLIP)
+    return k3
+
+
+def masked_mean(values, mask):
+    """Mean of `values` over positions where mask != 0 (0 when the mask is empty)."""
+    m = jnp.asarray(mask).astype(jnp.float32)
+    total = jnp.sum(jnp.where(m > 0, values * m, 0.0))
+    return total / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def sequence_mean(values, mask):
+    """Per-row mean over masked positions, [B, T] -> [B] (0 for a row with no masked position)."""
+    m = jnp.asarray(mask).astype(jnp.float32)
+    total = jnp.sum(jnp.where(m > 0, values * m, 0.0), axis=-1)
+    return total / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+
+
+def effective_mask(completion_mask, guidance_mask, guidance_loss: str = "train"):
+    """float32 [B, T] mask of the tokens that enter the loss (``mask`` drops the guidance tokens)."""
+    _check_choice("guidance_loss", guidance_loss, GUIDANCE_LOSSES)
+    m = jnp.asarray(completion_mask).astype(jnp.float32)
+    if guidance_loss == "mask" and guidance_mask is not None:
+        m = m * (1.0 - jnp.asarray(guidance_mask).astype(jnp.float32))
+    return m
+
+
+def per_token_loss(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    completion_mask,
+    guidance_mask,
+    *,
+    beta: float = 0.04,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = 0.2,
+    kl_estimator: str = "k3",
+    guidance_loss: str = "train",
+    importance_gamma: float = 0.1,
+):
+    """Unaggregated loss: returns ``(l [B, T], effective mask [B, T] float32, aux)``.
+
+    ``aux`` holds per-token float32 arrays ``kl`` (only when ref_logp is given), ``is_low_clipped``,
+    ``is_high_clipped``. Positions outside the mask are zeroed in the inputs first, so garbage (even
+    -inf) log-probs at pads give neither NaN values nor NaN gradients. ``old_logp=None`` means one
+    update per batch: ``old_logp = stop_gradient(logp)``. ``epsilon_high=None`` means epsilon_low.
+    """
+    _check_choice("guidance_loss", guidance_loss, GUIDANCE_LOSSES)
+    _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    beta_is_zero = isinstance(beta, (int, float)) and beta == 0
+    if ref_logp is None and not beta_is_zero:
+        raise ValueError(f"ref_logp is required when beta != 0 (got beta={beta}); pass beta=0 to skip the KL term")
+    if epsilon_high is None:
+        epsilon_high = epsilon_low
+
+    mask = effective_mask(completion_mask, guidance_mask, guidance_loss)
+    cmask = jnp.asarray(completion_mask).astype(jnp.float32) > 0
+    gmask = (
+        jnp.zeros_like(cmask) if guidance_mask is None else (jnp.asarray(guidance_mask).astype(jnp.float32) > 0)
+    )
+    keep = cmask | gmask
+
+    logp = jnp.where(keep, jnp.asarray(logp, jnp.float32), 0.0)
+    if old_logp is None:
+        old_logp = jax.lax.stop_gradient(logp)
+    old_logp = jnp.where(keep, jnp.asarray(old_logp, jnp.float32), 0.0)
+
+    A = jnp.asarray(advantages, jnp.float32)[:, None]
+    rho = jnp.exp(logp - old_logp)
+    rho_clipped = jnp.clip(rho, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    loss = -jnp.minimum(rho * A, rho_clipped * A)
+    is_low = ((rho < 1.0 - epsilon_low) & (A < 0)).astype(jnp.float32)
+    is_high = ((rho > 1.0 + epsilon_high) & (A > 0)).astype(jnp.float32)
+
+    if guidance_loss == "importance":
+        pi = jnp.exp(logp)
+        shaped = -(pi / (pi + importance_gamma)) * A
+        loss = jnp.where(gmask, shaped, loss)
+        # No clipping happens on guidance tokens: they never count as clipped.
+        is_low = jnp.where(gmask, 0.0, is_low)
+        is_high = jnp.where(gmask, 0.0, is_high)
+
+    aux = {"is_low_clipped": is_low, "is_high_clipped": is_high}
+    if ref_logp is not None:
+        ref = jnp.where(keep, jnp.asarray(ref_logp, jnp.float32), 0.0)
+        kl = kl_penalty(logp, ref, kl_estimator)
+        aux["kl"] = kl
+        if not beta_is_zero:
+            loss = loss + beta * kl
+    loss = jnp.where(mask > 0, loss, 0.0)
+    return loss, mask, aux
+
+
+def loss_parts(per_token, mask, loss_type: str = "grpo", max_completion_length: Optional[int] = None):
+    """(numerator, denominator) with loss = numerator / max(denominator, 1)  [dr_grpo: exact denominator].
+
+    grpo: (sum of per-sequence means, number of non-empty sequences); bnpo / dapo: (token sum, token
+    count); dr_grpo: (token sum, B * max_completion_length). Summing parts over micro-batches before
+    dividing gives the global-batch versions (dapo's token mean, grpo's sequence mean).
+    """
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    m = jnp.asarray(mask).astype(jnp.float32)
+    masked = jnp.where(m > 0, per_token * m, 0.0)
+    if loss_type == "grpo":
+        n_tok = jnp.sum(m, axis=-1)
+        seq = jnp.sum(masked, axis=-1) / jnp.maximum(n_tok, 1.0)
+        return jnp.sum(seq), jnp.sum((n_tok > 0).astype(jnp.float32))
+    if loss_type in ("bnpo", "dapo"):
+        return jnp.sum(masked), jnp.sum(m)
+    L = per_token.shape[-1] if max_completion_length is None else max_completion_length
+    return jnp.sum(masked), jnp.asarray(per_token.shape[0] * L, jnp.float32)
+
+
+def aggregate_loss(per_token, mask, loss_type: str = "grpo", max_completion_length: Optional[int] = None):
+    """Scalar loss from per-token values and the effective mask (see module docstring)."""
+    num, den = loss_parts(per_token, mask, loss_type, max_completion_length)
+    return num / jnp.maximum(den, 1.0)
+
+
+def policy_loss(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    completion_mask,
+    guidance_mask,
+    *,
+    loss_type: str = "grpo",
+    beta: float = 0.04,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = 0.2,
+    kl_estimator: str = "k3",
+    guidance_loss: str = "train",
+    importance_gamma: float = 0.1,
+    max_completion_length: Optional[int],
+):
+    """GRPO-family loss. Returns ``(loss, metrics)``.
+
+    ``max_completion_length`` is the dr_grpo normaliser (required keyword; ``None`` means T, the
+    width of the arrays). ``ref_logp`` may be None when beta == 0. ``old_logp`` may be None (one
+    update per batch: stop_gradient(logp)). Metrics (TRL names, token means over the effective
+    mask): ``kl`` (when ref_logp is given, even with beta == 0), ``clip_ratio/low_mean`` (rho <
+    1 - eps_low with A < 0), ``clip_ratio/high_mean`` (rho > 1 + eps_high with A > 0),
+    ``clip_ratio/region_mean`` (either).
+    """
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    per_tok, mask, aux = per_token_loss(
+        logp,
+        old_logp,
+        ref_logp,
+        advantages,
+        completion_mask,
+        guidance_mask,
+        beta=beta,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        kl_estimator=kl_estimator,
+        guidance_loss=guidance_loss,
+        importance_gamma=importance_gamma,
+    )
+    loss = aggregate_loss(per_tok, mask, loss_type, max_completion_length)
+    low, high = aux["is_low_clipped"], aux["is_high_clipped"]
+    metrics = {
+        "clip_ratio/low_mean": masked_mean(low, mask),
+        "clip_ratio/high_mean": masked_mean(high, mask),
+        "clip_ratio/region_mean": masked_mean(jnp.maximum(low, high), mask),
+    }
+    if "kl" in aux:
+        metrics["kl"] = masked_mean(aux["kl"], mask)
+    return loss, metrics

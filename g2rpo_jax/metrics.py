@@ -1,0 +1,79 @@
+"""Metric writers: metrics.jsonl (one object per step), TensorBoard, console lines.
+
+Names follow TRL's GRPOTrainer logs (reward, reward_std, frac_reward_zero_std, kl, clip_ratio/*,
+completions/*) plus ours: guidance/length, guidance/ratio, reward/guided, reward/unguided.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+# Shown in the progress bar and the periodic console line, in this order.
+CONSOLE_KEYS = ("reward", "frac_reward_zero_std", "guidance/length", "kl", "eval/accuracy")
+_SHORT = {"reward": "rew", "frac_reward_zero_std": "zero_std", "guidance/length": "L", "kl": "kl",
+          "eval/accuracy": "eval_acc"}
+
+
+def to_python(value):
+    """JSON-able float/int from numpy/jax scalars; NaN becomes None (JSON has no NaN)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Appends rows to <output_dir>/metrics.jsonl and, if available, TensorBoard event files."""
+
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+
+    def write(self, row: dict) -> dict:
+        row = {k: to_python(v) for k, v in row.items()}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = row["step"]
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+        return row
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def console_summary(row: dict, keys=CONSOLE_KEYS) -> dict:
+    """Short name -> formatted value for the keys present in `row`."""
+    out = {}
+    for k in keys:
+        v = row.get(k)
+        if v is None:
+            continue
+        out[_SHORT.get(k, k)] = f"{v:.0f}" if k == "guidance/length" else f"{v:.3f}"
+    return out
+
+
+def split_mean(values: np.ndarray, select: np.ndarray) -> float:
+    """Mean of values where select is True; NaN when nothing is selected (e.g. no guided rows)."""
+    return float(values[select].mean()) if select.any() else float("nan")

@@ -1,0 +1,57 @@
+"""Reward functions (TRL style, host side) and their registry."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from g2rpo_jax.rewards.embedded import accuracy_reward, extract_final_answer, format_reward
+
+RewardFn = Callable[..., list]
+
+REWARD_FUNCS: dict[str, RewardFn] = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+}
+
+
+def get_reward_funcs(names: Sequence[str]) -> list[RewardFn]:
+    """The reward functions named in ``names`` (config key ``reward_funcs``), in that order."""
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if not names:
+        raise ValueError(f"no reward functions given; choose from {sorted(REWARD_FUNCS)}")
+    unknown = [n for n in names if n not in REWARD_FUNCS]
+    if unknown:
+        raise ValueError(f"unknown reward function(s) {unknown}; available: {sorted(REWARD_FUNCS)}")
+    return [REWARD_FUNCS[n] for n in names]
+
+
+def combine_rewards(per_func: np.ndarray, weights: Sequence[float] | None) -> np.ndarray:
+    """Weighted sum over reward functions: ``per_func`` [F, B] -> [B] float32.
+
+    ``weights=None`` means all ones. As in TRL, a NaN entry (a function that does not apply to a
+    sample) contributes nothing.
+    """
+    per_func = np.asarray(per_func, dtype=np.float32)
+    if per_func.ndim != 2:
+        raise ValueError(f"per_func must be [num_funcs, batch]; got shape {per_func.shape}")
+    num_funcs = per_func.shape[0]
+    w = np.ones((num_funcs,), np.float32) if weights is None else np.asarray(weights, np.float32)
+    if w.shape != (num_funcs,):
+        raise ValueError(
+            f"reward_weights has {w.size} entries but there are {num_funcs} reward functions"
+        )
+    return np.nansum(w[:, None] * per_func, axis=0).astype(np.float32)
+
+
+__all__ = [
+    "REWARD_FUNCS",
+    "accuracy_reward",
+    "combine_rewards",
+    "extract_final_answer",
+    "format_reward",
+    "get_reward_funcs",
+]

@@ -1,0 +1,270 @@
+"""`python -m g2rpo_jax.train --config configs/default.yaml [section.key=value ...]`
+
+The thin main loop: it wires data, warm start, the jitted rollout and update, host-side rewards,
+evaluation and logging. Each step: rollout (jit) -> decode + score (host) -> update (jit,
+includes the guidance-controller update) -> metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from g2rpo_jax.checkpoint import save_params
+from g2rpo_jax.config import Config, ConfigError, describe_sections, load_config, to_dict
+from g2rpo_jax.data.embedded import embedded_splits
+from g2rpo_jax.data.pipeline import PromptIterator, TokenizedDataset, tokenize_examples
+from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
+from g2rpo_jax.guidance import init_guidance_state
+from g2rpo_jax.metrics import MetricsWriter, console_summary, split_mean
+from g2rpo_jax.models import init_model
+from g2rpo_jax.models.transformer import count_params
+from g2rpo_jax.rewards import combine_rewards, get_reward_funcs
+from g2rpo_jax.rollout import SamplingParams, decode_texts, generate
+from g2rpo_jax.train_step import TrainState, learning_rate_schedule, make_optimizer, make_rollout_fn, make_update_fn
+from g2rpo_jax.warm_start import warm_start
+
+log = logging.getLogger("g2rpo_jax")
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not break the progress bar."""
+
+    def emit(self, record):
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging() -> None:
+    if not log.handlers:
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("[g2rpo %(asctime)s] %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+@dataclasses.dataclass
+class TaskData:
+    tokenizer: object
+    train: TokenizedDataset
+    test: TokenizedDataset
+
+
+def load_task(cfg: Config) -> TaskData:
+    """The embedded task: tokenizer, RL training problems, held-out test problems."""
+    d = cfg.data
+    tokenizer = build_embedded_tokenizer()
+    train_ex, test_ex = embedded_splits(d.seed, d.num_train, d.train_min_steps, d.train_max_steps,
+                                        d.num_test, d.test_min_steps, d.test_max_steps, modulus=d.modulus)
+    if d.order == "sequential":  # curriculum: easy to hard, as the reference orders its data
+        train_ex = sorted(train_ex, key=lambda e: e.difficulty)
+    train = tokenize_examples(train_ex, tokenizer, d.max_prompt_length, d.max_guidance_length, on_error=d.on_error)
+    test = tokenize_examples(test_ex, tokenizer, d.max_prompt_length, d.max_guidance_length, on_error=d.on_error)
+    return TaskData(tokenizer, train, test)
+
+
+def resolve_model_config(cfg: Config, tokenizer):
+    model_cfg = cfg.model
+    if model_cfg.vocab_size is None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer))
+    elif model_cfg.vocab_size < len(tokenizer):
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                          f"{len(tokenizer)} tokens; set model.vocab_size=null to take it from the tokenizer")
+    try:
+        model_cfg.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return model_cfg
+
+
+def make_evaluator(graphdef, tokenizer, test: TokenizedDataset, cfg: Config):
+    """Greedy accuracy on held-out problems (no guidance), in fixed-size chunks (one compile)."""
+    e = cfg.eval
+    n = min(e.num_problems, len(test.answers))
+    bs = min(e.batch_size, n)
+    sampling = SamplingParams(max_new_tokens=e.max_new_tokens, greedy=True)
+    reward_fn = get_reward_funcs(["accuracy"])[0]
+    empty_guides = np.zeros((bs, 0), np.int32)
+    no_guidance = np.zeros((bs,), np.int32)
+
+    def evaluate(params) -> dict:
+        correct = []
+        for start in range(0, n, bs):
+            idx = np.arange(start, start + bs) % n  # the last chunk wraps around; extras are dropped
+            out = generate(graphdef, params, test.prompt_ids[idx], test.prompt_mask[idx], empty_guides,
+                           no_guidance, jax.random.PRNGKey(0), sampling=sampling,
+                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+            texts = decode_texts(tokenizer, out)
+            keep = min(bs, n - start)
+            correct += reward_fn(texts[:keep], [test.answers[i] for i in idx[:keep]])
+        return {"eval/accuracy": float(np.mean(correct)), "eval/num_problems": n}
+
+    return evaluate
+
+
+def should_eval(step: int, cfg: Config) -> bool:
+    every = cfg.eval.every_steps
+    return step == 0 or step == cfg.train.max_steps or (every > 0 and step % every == 0)
+
+
+def score(tokenizer, rollout, answers: list[str], reward_names: list[str], weights) -> tuple[np.ndarray, dict]:
+    """Host side: decode completions, run each reward function, combine with weights."""
+    texts = decode_texts(tokenizer, rollout)
+    per_func = np.array([fn(texts, answers) for fn in get_reward_funcs(reward_names)], dtype=np.float32)
+    return combine_rewards(per_func, weights).astype(np.float32), dict(zip(reward_names, per_func))
+
+
+def clipped_ratio(rollout, eos_id: int) -> float:
+    """Fraction of completions that used the whole budget without emitting EOS (TRL's name)."""
+    tokens = np.asarray(rollout.tokens)
+    return float((tokens[:, -1] != eos_id)[np.asarray(rollout.attention_mask)[:, -1]].sum() / len(tokens))
+
+
+def train(cfg: Config) -> dict:
+    """Run warm start (or its cache) and the RL stage; return the first and last metrics rows."""
+    setup_logging()
+    out_dir = Path(cfg.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    log.info("output dir %s, jax %s on %s", out_dir, jax.__version__, jax.devices()[0].platform)
+
+    task = load_task(cfg)
+    tok = task.tokenizer
+    tok.save_pretrained(out_dir / "tokenizer")
+    model_cfg = resolve_model_config(cfg, tok)
+    graphdef, params = init_model(model_cfg, cfg.train.seed)
+    log.info("model %s: %.2fM params; %d train / %d held-out problems (difficulty %d-%d / %d-%d)",
+             model_cfg.model_type, count_params(params) / 1e6, len(task.train.answers), len(task.test.answers),
+             cfg.data.train_min_steps, cfg.data.train_max_steps, cfg.data.test_min_steps, cfg.data.test_max_steps)
+    params = warm_start(cfg, model_cfg, tok, graphdef, params)
+
+    r, lc, g = cfg.rollout, cfg.loss, cfg.rollout.num_generations
+    guidance_cfg = cfg.guidance
+    if guidance_cfg.total_steps == 0:
+        guidance_cfg = dataclasses.replace(guidance_cfg, total_steps=max(cfg.train.max_steps, 1))
+    o = cfg.optim
+    schedule = learning_rate_schedule(o.learning_rate, cfg.train.max_steps, o.warmup_ratio, o.min_lr_rate,
+                                      o.lr_scheduler_type)
+    optimizer = make_optimizer(schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+                               weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+        # A separate copy: the update donates the state's buffers, and the reference stays frozen.
+        ref_params=jax.tree.map(jnp.copy, params), guidance=init_guidance_state(guidance_cfg),
+        rng=jax.random.PRNGKey(cfg.train.seed))
+    sampling = SamplingParams(max_new_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k)
+    rollout_fn = make_rollout_fn(graphdef, sampling, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                 num_generations=g)
+    loss_kwargs = dict(loss_type=lc.loss_type, beta=lc.beta, epsilon_low=lc.epsilon,
+                       epsilon_high=lc.epsilon if lc.epsilon_high is None else lc.epsilon_high,
+                       kl_estimator=lc.kl_estimator, guidance_loss=lc.guidance_loss,
+                       importance_gamma=lc.importance_gamma)
+    update_fn = make_update_fn(graphdef, optimizer, schedule, loss_kwargs=loss_kwargs, num_generations=g,
+                               num_iterations=lc.num_iterations, scale_rewards=lc.scale_rewards,
+                               guidance_cfg=guidance_cfg,
+                               max_completion_length=cfg.data.max_guidance_length + r.max_completion_length)
+    evaluate = make_evaluator(graphdef, tok, task.test, cfg)
+    iterator = PromptIterator(len(task.train.answers), r.prompts_per_step, seed=cfg.train.seed + cfg.data.seed,
+                              order=cfg.data.order)
+    reward_names = cfg.reward.reward_funcs
+    weights = cfg.reward.reward_weights or [1.0] * len(reward_names)
+    writer = MetricsWriter(out_dir, tensorboard=True)
+
+    first = writer.write({"step": 0, **evaluate(state.params)})
+    log.info("step 0 (warm start, before RL): held-out accuracy %.3f", first["eval/accuracy"])
+    last = first
+    bar = None
+    if cfg.train.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, desc="G²RPO-A", dynamic_ncols=True)
+    ds = task.train
+    for step in range(1, cfg.train.max_steps + 1):
+        t0 = time.perf_counter()
+        idx = np.repeat(iterator.next_indices(), g)  # G consecutive rows per prompt
+        length_used = int(state.guidance.length)
+        state, ro, glen = rollout_fn(state, ds.prompt_ids[idx], ds.prompt_mask[idx], ds.guide_ids[idx],
+                                     ds.guide_len[idx])
+        rewards, parts = score(tok, ro, [ds.answers[i] for i in idx], reward_names, weights)
+        signal = float(parts[cfg.reward.controller_signal].mean())
+        batch = {k: getattr(ro, k) for k in ("tokens", "positions", "attention_mask", "completion_mask",
+                                             "guidance_mask")}
+        state, m = update_fn(state, batch, jnp.asarray(rewards), jnp.float32(signal))
+        m = jax.device_get(m)
+        glen = np.asarray(glen)
+        guided = glen > 0
+        dt = time.perf_counter() - t0
+        row = {"step": step, **{k: v for k, v in m.items()}}
+        row.update({
+            "reward/guided": split_mean(rewards, guided), "reward/unguided": split_mean(rewards, ~guided),
+            "guidance/length": length_used, "guidance/ratio": float(state.guidance.ratio),
+            "guidance/mean_prefix_tokens": float(glen[guided].mean()) if guided.any() else 0.0,
+            "completions/mean_length": float(np.asarray(ro.completion_length).mean()),
+            "completions/clipped_ratio": clipped_ratio(ro, tok.eos_token_id),
+            "tokens_per_sec": float(np.asarray(ro.num_generated).sum()) / dt, "time/step": dt,
+        })
+        for name, values in parts.items():
+            row[f"rewards/{name}/mean"] = float(values.mean())
+        if should_eval(step, cfg):
+            row.update(evaluate(state.params))
+        last = writer.write(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(console_summary(last), refresh=False)
+        if cfg.train.log_every and step % cfg.train.log_every == 0 or "eval/accuracy" in row:
+            log.info("step %d: %s", step, " ".join(f"{k}={v}" for k, v in console_summary(last).items()))
+    if bar is not None:
+        bar.close()
+    writer.close()
+    if cfg.checkpoint.save_final:
+        path = save_params(out_dir / "final" / "params", state.params)
+        log.info("final params saved to %s", path)
+    summary = {"step0_eval_accuracy": first["eval/accuracy"], "final_eval_accuracy": last.get("eval/accuracy"),
+               "steps": cfg.train.max_steps, "output_dir": str(out_dir)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("done: held-out accuracy %.3f (step 0) -> %s (step %d); metrics in %s",
+             summary["step0_eval_accuracy"], summary["final_eval_accuracy"], cfg.train.max_steps,
+             out_dir / "metrics.jsonl")
+    return {"first": first, "last": last, "state": state}
+
+
+def build_parser(prog: str = "g2rpo train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train with G²RPO-A (guided GRPO with adaptive guidance length).",
+        epilog="overrides: section.key=value, e.g. train.max_steps=20 guidance.ratio=0.25\n\n"
+               "config sections (key=default):\n" + describe_sections())
+    parser.add_argument("--config", help="YAML config file (e.g. configs/default.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

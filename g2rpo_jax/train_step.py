@@ -1,0 +1,124 @@
+"""Pure, jit-compiled pieces of one G²RPO-A step: rollout and update.
+
+The train state is one pytree: (step, params, opt_state, ref_params, guidance, rng). The
+guidance-controller state travels inside it and is updated inside the jitted update, so the
+length L used by the next rollout is device data, never a static argument.
+Reward scoring sits between the two jitted calls on the host, because reward functions run
+arbitrary Python over decoded text.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, update_guidance
+from g2rpo_jax.loss import group_advantages, policy_loss, token_log_probs
+from g2rpo_jax.models import forward
+from g2rpo_jax.rollout import SamplingParams, generate
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ref_params: Any
+    guidance: GuidanceState
+    rng: jax.Array
+
+
+def learning_rate_schedule(learning_rate: float, total_steps: int, warmup_ratio: float,
+                           min_lr_rate: float, kind: str = "cosine_with_min_lr") -> optax.Schedule:
+    """Linear warmup, then cosine decay to min_lr_rate * lr (the reference's schedule)."""
+    if kind == "constant":
+        return optax.constant_schedule(learning_rate)
+    total_steps = max(int(total_steps), 1)
+    warmup = int(round(warmup_ratio * total_steps))
+    cosine = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup, 1), alpha=min_lr_rate)
+    if warmup == 0:
+        return cosine
+    ramp = optax.linear_schedule(0.0, learning_rate, warmup)
+    return optax.join_schedules([ramp, cosine], [warmup])
+
+
+def make_optimizer(schedule: optax.Schedule, *, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0,
+                   max_grad_norm=1.0) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm and max_grad_norm > 0 else []
+    parts.append(optax.adamw(schedule, b1=adam_beta1, b2=adam_beta2, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+def sequence_log_probs(graphdef, params, tokens, positions, attention_mask):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [B, T-1]."""
+    logits, _ = forward(graphdef, params, tokens[:, :-1], positions[:, :-1], attention_mask[:, :-1])
+    return token_log_probs(logits, tokens[:, 1:])
+
+
+def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int):
+    """(state, prompt batch repeated G times) -> (state with new rng, Rollout, per-row guide lengths)."""
+
+    @jax.jit
+    def rollout(state: TrainState, prompt_ids, prompt_mask, guide_ids, trace_len):
+        rng, key = jax.random.split(state.rng)
+        glen = guide_lengths(state.guidance, trace_len, num_generations)
+        out = generate(graphdef, state.params, prompt_ids, prompt_mask, guide_ids, glen, key,
+                       sampling=sampling, eos_id=eos_id, pad_id=pad_id)
+        return state.replace(rng=rng), out, glen
+
+    return rollout
+
+
+def group_reward_stats(rewards, num_generations: int) -> dict:
+    """TRL's reward_std (mean of per-group std) and frac_reward_zero_std."""
+    groups = rewards.reshape(-1, num_generations)
+    std = jnp.std(groups, axis=1, ddof=1)
+    return {
+        "reward": jnp.mean(rewards),
+        "reward_std": jnp.mean(std),
+        "frac_reward_zero_std": jnp.mean((std < 1e-6).astype(jnp.float32)),
+    }
+
+
+def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+                   loss_kwargs: dict, num_generations: int, num_iterations: int, scale_rewards: str,
+                   guidance_cfg: GuidanceConfig, max_completion_length: int):
+    """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit."""
+    beta = loss_kwargs.get("beta", 0.0)
+
+    def loss_fn(params, batch, adv, old_logp, ref_logp):
+        logp = sequence_log_probs(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"])
+        old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
+        loss, aux = policy_loss(logp, old, ref_logp, adv, batch["completion_mask"][:, 1:],
+                                batch["guidance_mask"][:, 1:], max_completion_length=max_completion_length,
+                                **loss_kwargs)
+        return loss, aux
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def update(state: TrainState, batch: dict, rewards, signal):
+        adv = group_advantages(rewards, num_generations, scale_rewards)
+        seq = (batch["tokens"], batch["positions"], batch["attention_mask"])
+        ref_logp = jax.lax.stop_gradient(sequence_log_probs(graphdef, state.ref_params, *seq)) if beta > 0 else None
+        # With one update per batch the old policy is the current one (stop_gradient inside the loss).
+        old_logp = None if num_iterations == 1 else jax.lax.stop_gradient(sequence_log_probs(graphdef, state.params, *seq))
+        params, opt_state = state.params, state.opt_state
+        for _ in range(num_iterations):
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, adv, old_logp, ref_logp)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+        guidance = update_guidance(state.guidance, signal, guidance_cfg)
+        metrics = dict(aux)
+        metrics.update(group_reward_stats(rewards, num_generations))
+        metrics["loss"] = loss
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["learning_rate"] = schedule(state.step)
+        metrics["advantages/abs_mean"] = jnp.mean(jnp.abs(adv))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, guidance=guidance)
+        return new_state, metrics
+
+    return update
+

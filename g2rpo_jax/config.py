@@ -27,14 +27,15 @@ class DataConfig:
     source: Literal["embedded"] = "embedded"
     seed: int = 0
     modulus: int = 10
+    question_slots: int = 6  # worksheet width in steps; every problem must have <= this many steps
     num_train: int = 4000
     train_min_steps: int = 1
     train_max_steps: int = 6
     num_test: int = 200
     test_min_steps: int = 4
     test_max_steps: int = 6
-    max_prompt_length: int = 24
-    max_guidance_length: int = 48
+    max_prompt_length: int = 48
+    max_guidance_length: int = 40
     order: Literal["shuffle", "sequential"] = "shuffle"
     on_error: Literal["raise", "skip"] = "raise"
 
@@ -288,6 +289,9 @@ def validate(cfg: Config) -> None:
     check(d.train_min_steps <= d.train_max_steps, "data.train_min_steps must be <= data.train_max_steps")
     check(d.test_min_steps <= d.test_max_steps, "data.test_min_steps must be <= data.test_max_steps")
     check(r.prompts_per_step <= d.num_train, "rollout.prompts_per_step must be <= data.num_train")
+    hardest = max(d.train_max_steps, d.test_max_steps, cfg.warm_start.max_steps)
+    check(hardest <= d.question_slots, f"problems of {hardest} steps do not fit data.question_slots="
+          f"{d.question_slots}; raise data.question_slots to at least {hardest}")
     w = cfg.reward
     check(
         w.reward_weights is None or len(w.reward_weights) == len(w.reward_funcs),

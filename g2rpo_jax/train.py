@@ -67,7 +67,8 @@ def load_task(cfg: Config) -> TaskData:
     d = cfg.data
     tokenizer = build_embedded_tokenizer()
     train_ex, test_ex = embedded_splits(d.seed, d.num_train, d.train_min_steps, d.train_max_steps,
-                                        d.num_test, d.test_min_steps, d.test_max_steps, modulus=d.modulus)
+                                        d.num_test, d.test_min_steps, d.test_max_steps, modulus=d.modulus,
+                                        slots=d.question_slots)
     if d.order == "sequential":  # curriculum: easy to hard, as the reference orders its data
         train_ex = sorted(train_ex, key=lambda e: e.difficulty)
     train = tokenize_examples(train_ex, tokenizer, d.max_prompt_length, d.max_guidance_length, on_error=d.on_error)

@@ -44,7 +44,7 @@ def warm_start_key(cfg, model_cfg, tokenizer) -> str:
         "version": _CACHE_VERSION,
         "model": dataclasses.asdict(model_cfg),
         "warm_start": ws,
-        "data": {"source": d.source, "seed": d.seed, "modulus": d.modulus,
+        "data": {"source": d.source, "seed": d.seed, "modulus": d.modulus, "question_slots": d.question_slots,
                  "max_prompt_length": d.max_prompt_length, "max_guidance_length": d.max_guidance_length},
         "seed": cfg.train.seed,
         "vocab": sorted(tokenizer.get_vocab().items()),
@@ -75,10 +75,11 @@ def sft_dataset(cfg, tokenizer, seed_offset: int = 1000) -> dict:
     """Token arrays of the warm-start problems (easy ones; seeds apart from RL and eval data)."""
     ws, d = cfg.warm_start, cfg.data
     examples = generate_problems(ws.num_examples, ws.min_steps, ws.max_steps, seed=d.seed + seed_offset,
-                                 modulus=d.modulus)
+                                 modulus=d.modulus, slots=d.question_slots)
     ds = tokenize_examples(examples, tokenizer, d.max_prompt_length, d.max_guidance_length, on_error=d.on_error)
-    return sft_arrays(ds, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                      d.max_prompt_length + d.max_guidance_length + 1)
+    # Only as long as the longest row (easy problems are short): SFT cost scales with it.
+    longest = int((ds.prompt_mask.sum(1) + ds.guide_len).max()) + 1
+    return sft_arrays(ds, tokenizer.eos_token_id, tokenizer.pad_token_id, -(-longest // 8) * 8)
 
 
 def train_sft(graphdef, params, arrays: dict, *, steps: int, batch_size: int, learning_rate: float, seed: int,

@@ -22,15 +22,35 @@ def tok():
 
 @pytest.mark.parametrize(
     "question,expected",
-    [("3+5*2-4", "2"), ("9*9", "1"), ("0-7", "3"), ("3-5", "8"), ("7", "7"), ("1+2+3+4", "0"), ("5*0+9", "9")],
+    [("3+5=?;?*2=?;?-4=?;", "2"), ("9*9=?;", "1"), ("0-7=?;      ", "3"), ("3-5=?;", "8"),
+     ("1+2=?;?+3=?;?+4=?;", "0"), ("5*0=?;?+9=?;", "9")],
 )
 def test_solve_fixed(question, expected):
     assert solve(question) == expected
 
 
 def test_solve_other_modulus():
-    assert solve("4+4", modulus=7) == "1"
-    assert solve("2-5", modulus=7) == "4"
+    assert solve("4+4=?;", modulus=7) == "1"
+    assert solve("2-5=?;", modulus=7) == "4"
+
+
+@pytest.mark.parametrize("bad", ["3+5*2-4", "?+5=?;", "3+5=?;4*2=?;", ""])
+def test_solve_rejects_malformed_worksheets(bad):
+    with pytest.raises(ValueError, match="worksheet"):
+        solve(bad)
+
+
+def test_worksheet_has_fixed_width_and_the_solution_shape():
+    problems = generate_problems(50, 1, 6, seed=3)
+    assert {len(ex.prompt) for ex in problems} == {36}
+    for ex in problems:
+        # the filled-in solution matches the worksheet character for character outside the blanks
+        filled = ex.guidance.split("#")[0]
+        blanks = ex.prompt.rstrip(" ")
+        assert len(filled) == len(blanks)
+        assert all(q == "?" or q == a for q, a in zip(blanks, filled))
+    with pytest.raises(ValueError, match="question_slots"):
+        make_problem(np.random.default_rng(0), 7, slots=6)
 
 
 STEP_RE = re.compile(r"^([0-9])([+\-*])([0-9])=([0-9])$")
@@ -41,9 +61,17 @@ def _check_trace(ex: Example, modulus=10):
     assert final == ex.answer
     steps = body.split(";")
     assert len(steps) == ex.difficulty
-    qdigits = [int(c) for c in ex.prompt[0::2]]
-    qops = list(ex.prompt[1::2])
-    assert len(qops) == ex.difficulty
+    # parse the worksheet independently: fixed-width "x op d=?;" cells, then space padding
+    assert len(ex.prompt) % 6 == 0
+    cells = [ex.prompt[i : i + 6] for i in range(0, len(ex.prompt), 6)]
+    used = [c for c in cells if c != " " * 6]
+    assert cells[: len(used)] == used  # padding only at the end
+    assert len(used) == ex.difficulty
+    for k, c in enumerate(used):
+        assert c[3:] == "=?;" and c[1] in "+-*" and c[2].isdigit()
+        assert c[0].isdigit() if k == 0 else c[0] == "?"
+    qops = [c[1] for c in used]
+    qdigits = [int(used[0][0])] + [int(c[2]) for c in used]
     cur = qdigits[0]
     for k, step in enumerate(steps):
         m = STEP_RE.match(step)
@@ -57,24 +85,30 @@ def _check_trace(ex: Example, modulus=10):
 
 
 def test_generated_traces_are_correct():
-    probs = generate_problems(300, 1, 8, seed=3)
+    probs = generate_problems(300, 1, 8, seed=3, slots=8)
+    assert {len(p.prompt) for p in probs} == {48}
     assert {p.difficulty for p in probs} == set(range(1, 9))
     for ex in probs:
         _check_trace(ex)
     for ex in generate_problems(50, 2, 5, seed=4, modulus=7):
         _check_trace(ex, modulus=7)
-        assert all(int(c) < 7 for c in ex.prompt[0::2])
+        digits = re.findall(r"[0-9]", ex.prompt)
+        assert len(digits) == ex.difficulty + 1 and all(int(c) < 7 for c in digits)
 
 
 def test_example_from_spec():
-    ex = Example(prompt="3+5*2-4", answer="2", guidance="3+5=8;8*2=6;6-4=2;#2", difficulty=3)
+    ex = Example(prompt="3+5=?;?*2=?;?-4=?;" + " " * 18, answer="2", guidance="3+5=8;8*2=6;6-4=2;#2", difficulty=3)
     _check_trace(ex)
+    assert solve(ex.prompt) == "2"
 
 
 def test_make_problem_steps_and_determinism():
     a = make_problem(np.random.default_rng(0), 5)
     b = make_problem(np.random.default_rng(0), 5)
-    assert a == b and a.difficulty == 5 and len(a.prompt) == 11
+    assert a == b and a.difficulty == 5 and len(a.prompt) == 36
+    assert a.prompt.endswith("=?;" + " " * 6) and a.prompt.count("=?;") == 5
+    c = make_problem(np.random.default_rng(0), 5, slots=8)
+    assert len(c.prompt) == 48 and c.prompt.rstrip(" ") == a.prompt.rstrip(" ")
     with pytest.raises(ValueError):
         make_problem(np.random.default_rng(0), 0)
     with pytest.raises(ValueError, match="modulus"):
@@ -117,15 +151,17 @@ def test_special_token_ids(tok):
 
 
 def test_rendered_prompt(tok):
-    text = render_prompt(tok, "3+5*2-4")
-    assert text == "<|im_start|>user\n3+5*2-4<|im_end|>\n<|im_start|>assistant\n"
+    q = "3+5=?;?*2=?;?-4=?;" + " " * 18
+    text = render_prompt(tok, q)
+    assert text == "<|im_start|>user\n" + q + "<|im_end|>\n<|im_start|>assistant\n"
     ids = tok.encode(text, add_special_tokens=False)
     assert ids[0] == 1 and ids[-3] == 1 and ids.count(2) == 1
-    assert len(ids) == 8 + 1 + 2 * 3  # 8 header tokens, the first digit, 2 tokens per step
+    assert len(ids) == 8 + 36 == 44  # 8 header tokens, one token per worksheet character
+    assert tok.unk_token_id not in ids  # every worksheet character, '?' included, is in the vocab
 
 
 def test_round_trip_traces(tok):
-    for ex in generate_problems(30, 1, 8, seed=1):
+    for ex in generate_problems(30, 1, 8, seed=1, slots=8):
         for text in (ex.prompt, ex.guidance):
             ids = tok.encode(text, add_special_tokens=False)
             assert len(ids) == len(text)  # character level
@@ -155,15 +191,16 @@ def test_save_load_round_trip(tok, tmp_path):
 
 def test_tokenize_examples_shapes_and_padding(tok):
     exs = generate_problems(12, 1, 4, seed=2)
-    ds = tokenize_examples(exs, tok, max_prompt_length=24, max_guidance_length=32)
-    assert ds.prompt_ids.shape == (12, 24) and ds.prompt_ids.dtype == np.int32
-    assert ds.prompt_mask.shape == (12, 24) and ds.prompt_mask.dtype == bool
+    ds = tokenize_examples(exs, tok, max_prompt_length=48, max_guidance_length=32)
+    assert ds.prompt_ids.shape == (12, 48) and ds.prompt_ids.dtype == np.int32
+    assert ds.prompt_mask.shape == (12, 48) and ds.prompt_mask.dtype == bool
     assert ds.guide_ids.shape == (12, 32) and ds.guide_ids.dtype == np.int32
     assert ds.guide_len.dtype == np.int32 and ds.difficulty.dtype == np.int32
     assert ds.answers == [e.answer for e in exs] and ds.examples == exs
     assert list(ds.difficulty) == [e.difficulty for e in exs]
     for i, ex in enumerate(exs):
         n = int(ds.prompt_mask[i].sum())
+        assert n == 8 + 36  # fixed-width worksheet: every rendered prompt is 44 tokens
         assert ds.prompt_mask[i, -n:].all() and not ds.prompt_mask[i, :-n].any()  # left padded
         assert (ds.prompt_ids[i, :-n] == tok.pad_token_id).all()
         assert tok.decode(ds.prompt_ids[i, -n:].tolist()) == render_prompt(tok, ex.prompt)
@@ -175,9 +212,11 @@ def test_tokenize_examples_shapes_and_padding(tok):
 
 
 def test_overlong_prompt_raises_with_key(tok):
-    exs = [Example("1+1", "2", "1+1=2;#2", 1), Example("1+1+1+1+1", "5", "1+1=2;2+1=3;3+1=4;4+1=5;#5", 4)]
-    with pytest.raises(ValueError, match=r"example 1.*17 tokens.*data\.max_prompt_length=15"):
-        tokenize_examples(exs, tok, max_prompt_length=15, max_guidance_length=64)
+    # example 0: a 6-slot worksheet (36 chars -> 8 + 36 = 44 tokens); example 1: an 8-slot one (48 -> 56)
+    exs = [Example("1+1=?;".ljust(36), "2", "1+1=2;#2", 1),
+           Example("1+1=?;?+1=?;?+1=?;?+1=?;".ljust(48), "5", "1+1=2;2+1=3;3+1=4;4+1=5;#5", 4)]
+    with pytest.raises(ValueError, match=r"example 1.*56 tokens.*data\.max_prompt_length=50"):
+        tokenize_examples(exs, tok, max_prompt_length=50, max_guidance_length=64)
     with pytest.raises(ValueError, match=r"example 1.*26 tokens.*data\.max_guidance_length=20"):
         tokenize_examples(exs, tok, max_prompt_length=64, max_guidance_length=20)
 
@@ -201,24 +240,25 @@ def test_skip_mode_drops_and_counts(tok):
 
 def test_sft_arrays_loss_mask(tok):
     exs = generate_problems(6, 1, 3, seed=6)
-    ds = tokenize_examples(exs, tok, max_prompt_length=20, max_guidance_length=20)
-    arr = sft_arrays(ds, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_length=48)
+    ds = tokenize_examples(exs, tok, max_prompt_length=44, max_guidance_length=20)
+    arr = sft_arrays(ds, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_length=72)
     for key in ("input_ids", "attention_mask", "loss_mask", "positions"):
-        assert arr[key].shape == (6, 48)
+        assert arr[key].shape == (6, 72)
     for i, ex in enumerate(exs):
         prompt = tok.encode(render_prompt(tok, ex.prompt), add_special_tokens=False)
         trace = tok.encode(ex.guidance, add_special_tokens=False)
         want = prompt + trace + [tok.eos_token_id]
         row = arr["input_ids"][i]
         assert row[: len(want)].tolist() == want and (row[len(want) :] == tok.pad_token_id).all()
-        assert arr["attention_mask"][i].tolist() == [True] * len(want) + [False] * (48 - len(want))
+        assert arr["attention_mask"][i].tolist() == [True] * len(want) + [False] * (72 - len(want))
         lm = arr["loss_mask"][i]
         assert lm.sum() == len(trace) + 1
         assert lm[len(prompt) : len(want)].all() and not lm[: len(prompt)].any() and not lm[len(want) :].any()
         assert tok.decode(row[lm].tolist()) == ex.guidance + "<|im_end|>"
         assert arr["positions"][i, : len(want)].tolist() == list(range(len(want)))
-    with pytest.raises(ValueError, match="max_length=20"):
-        sft_arrays(ds, eos_id=2, pad_id=0, max_length=20)
+        assert len(prompt) == 44 and len(want) == 44 + 6 * ex.difficulty + 2 + 1
+    with pytest.raises(ValueError, match="max_length=48"):
+        sft_arrays(ds, eos_id=2, pad_id=0, max_length=48)
 
 
 # ---------------------------------------------------------------------------------------------

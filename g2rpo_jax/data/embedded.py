@@ -1,14 +1,21 @@
-"""The embedded task: procedurally generated multi-step modular arithmetic.
+"""The embedded task: procedurally generated multi-step modular arithmetic worksheets.
 
-Needs no download, so the default job trains anywhere. A question is a first digit followed by
-``num_steps`` (operator, digit) pairs, e.g. ``3+5*2-4``, evaluated strictly left to right modulo
-``modulus`` (default 10) so that every intermediate value is a single digit. The guidance trace is
-the step-by-step solution, one ``a op b=c`` per operation, then ``;#`` and the final answer::
+Needs no download, so the default job trains anywhere. A question is a worksheet of ``num_steps``
+blanks evaluated left to right modulo ``modulus`` (default 10, so every value is one digit); each
+``?`` is the previous result. The guidance trace is the filled-in worksheet, then ``#`` and the
+final answer::
 
-    3+5*2-4  ->  3+5=8;8*2=6;6-4=2;#2
+    3+5=?;?*2=?;?-4=?;        ->  3+5=8;8*2=6;6-4=2;#2
 
-Difficulty is the number of steps: every step is the same small lookup (learnable by a tiny model),
-and a longer chain needs more of them in a row, so harder problems are genuinely harder.
+Why a worksheet and not the bare chain ``3+5*2-4``: with the bare chain, step k of the solution
+must fetch the k-th operator from a distance that depends on both k and the number of steps, so a
+small model trained on 1-2 step problems has never seen the attention pattern that step 4 needs
+(measured: 400 extra SFT steps on 4-5 step traces did not lift 4-5 step accuracy above chance).
+The worksheet has the solution's shape, and it is right-padded with spaces to ``slots`` steps so
+its length is fixed: every solution token then sits at one constant distance from its template
+token, the same for every step and every problem size. Harder problems are harder because errors
+compound over more steps, not because they need attention patterns never seen before.
+Difficulty is the number of steps.
 """
 
 from __future__ import annotations
@@ -46,29 +53,39 @@ def _apply(a: int, op: str, b: int, modulus: int) -> int:
     raise ValueError(f"unknown operator {op!r}; expected one of {OPS}")
 
 
-def make_problem(rng: np.random.Generator, num_steps: int, modulus: int = 10) -> Example:
+DEFAULT_SLOTS = 6
+STEP_WIDTH = 6  # characters per worksheet step: "a+b=?;"
+
+
+def worksheet(first: int, ops: list[str], digits: list[int], slots: int = DEFAULT_SLOTS) -> str:
+    """The question text: one ``x op d=?;`` per step (x is the first number, then ``?``), padded."""
+    if len(ops) > slots:
+        raise ValueError(f"a {len(ops)}-step problem does not fit a {slots}-slot worksheet; raise data.question_slots")
+    steps = [f"{first if k == 0 else '?'}{op}{d}=?;" for k, (op, d) in enumerate(zip(ops, digits))]
+    return "".join(steps).ljust(slots * STEP_WIDTH)
+
+
+def make_problem(rng: np.random.Generator, num_steps: int, modulus: int = 10, slots: int = DEFAULT_SLOTS) -> Example:
     """One problem with ``num_steps`` operations, drawn from ``rng``."""
     _check_modulus(modulus)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-    value = int(rng.integers(0, modulus))
-    question = [str(value)]
+    value = first = int(rng.integers(0, modulus))
+    ops = [OPS[int(i)] for i in rng.integers(0, len(OPS), size=num_steps)]
+    digits = [int(d) for d in rng.integers(0, modulus, size=num_steps)]
     steps = []
-    op_idx = rng.integers(0, len(OPS), size=num_steps)
-    digits = rng.integers(0, modulus, size=num_steps)
-    for k in range(num_steps):
-        op, b = OPS[int(op_idx[k])], int(digits[k])
+    for op, b in zip(ops, digits):
         result = _apply(value, op, b, modulus)
-        question.append(f"{op}{b}")
         steps.append(f"{value}{op}{b}={result}")
         value = result
     answer = str(value)
     guidance = ";".join(steps) + ";#" + answer
-    return Example(prompt="".join(question), answer=answer, guidance=guidance, difficulty=num_steps)
+    return Example(prompt=worksheet(first, ops, digits, slots), answer=answer, guidance=guidance,
+                   difficulty=num_steps)
 
 
-def _generate(rng, num, min_steps, max_steps, modulus):
-    return [make_problem(rng, int(rng.integers(min_steps, max_steps + 1)), modulus) for _ in range(num)]
+def _generate(rng, num, min_steps, max_steps, modulus, slots):
+    return [make_problem(rng, int(rng.integers(min_steps, max_steps + 1)), modulus, slots) for _ in range(num)]
 
 
 def _check_range(name, num, min_steps, max_steps):
@@ -80,11 +97,12 @@ def _check_range(name, num, min_steps, max_steps):
         )
 
 
-def generate_problems(num: int, min_steps: int, max_steps: int, seed: int, modulus: int = 10) -> list[Example]:
+def generate_problems(num: int, min_steps: int, max_steps: int, seed: int, modulus: int = 10,
+                      slots: int = DEFAULT_SLOTS) -> list[Example]:
     """``num`` problems, each with a step count drawn uniformly from [min_steps, max_steps]."""
     _check_range("generate_problems", num, min_steps, max_steps)
     _check_modulus(modulus)
-    return _generate(np.random.default_rng(seed), num, min_steps, max_steps, modulus)
+    return _generate(np.random.default_rng(seed), num, min_steps, max_steps, modulus, slots)
 
 
 def embedded_splits(
@@ -96,6 +114,7 @@ def embedded_splits(
     test_min_steps: int,
     test_max_steps: int,
     modulus: int = 10,
+    slots: int = DEFAULT_SLOTS,
 ) -> tuple[list[Example], list[Example]]:
     """Train and held-out test problems; deterministic given ``seed``.
 
@@ -107,7 +126,7 @@ def embedded_splits(
     _check_range("test split", num_test, test_min_steps, test_max_steps)
     _check_modulus(modulus)
     train_ss, test_ss = np.random.SeedSequence(seed).spawn(2)
-    train = _generate(np.random.default_rng(train_ss), num_train, train_min_steps, train_max_steps, modulus)
+    train = _generate(np.random.default_rng(train_ss), num_train, train_min_steps, train_max_steps, modulus, slots)
     seen = {ex.prompt for ex in train}
     rng = np.random.default_rng(test_ss)
     test = []
@@ -115,7 +134,7 @@ def embedded_splits(
     for _ in range(num_test):
         steps = int(rng.integers(test_min_steps, test_max_steps + 1))
         for _ in range(max_tries):
-            ex = make_problem(rng, steps, modulus)
+            ex = make_problem(rng, steps, modulus, slots)
             if ex.prompt not in seen:
                 test.append(ex)
                 break
@@ -128,26 +147,24 @@ def embedded_splits(
     return train, test
 
 
-_TOKEN_RE = re.compile(r"\s*([0-9]|[+\-*])")
+_STEP_RE = re.compile(r"([0-9?])([+\-*])([0-9])=\?;")
 
 
 def solve(question: str, modulus: int = 10) -> str:
-    """Evaluate a question left to right (an evaluator independent of the generator)."""
+    """Evaluate a worksheet left to right (an evaluator independent of the generator)."""
     _check_modulus(modulus)
-    text = question.strip()
-    tokens = []
+    text = question.rstrip(" ")
+    steps = []
     pos = 0
     while pos < len(text):
-        m = _TOKEN_RE.match(text, pos)
+        m = _STEP_RE.match(text, pos)
         if m is None:
-            raise ValueError(f"cannot parse question {question!r} at position {pos}")
-        tokens.append(m.group(1))
+            raise ValueError(f"malformed worksheet {question!r} at position {pos}: expected steps like '3+5=?;'")
+        steps.append(m.groups())
         pos = m.end()
-    if not tokens or len(tokens) % 2 == 0 or not tokens[0].isdigit():
-        raise ValueError(f"malformed question {question!r}: expected digit (op digit)*")
-    value = int(tokens[0]) % modulus
-    for op, b in zip(tokens[1::2], tokens[2::2]):
-        if op not in OPS or not b.isdigit():
-            raise ValueError(f"malformed question {question!r}: expected digit (op digit)*")
+    if not steps or not steps[0][0].isdigit() or any(x != "?" for x, _, _ in steps[1:]):
+        raise ValueError(f"malformed worksheet {question!r}: the first step starts with a digit, later ones with '?'")
+    value = int(steps[0][0]) % modulus
+    for _, op, b in steps:
         value = _apply(value, op, int(b), modulus)
     return str(value)

@@ -21,7 +21,7 @@ IM_END = "<|im_end|>"
 UNK_TOKEN = "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, UNK_TOKEN)
 ROLE_TOKENS = ("user", "assistant")
-CHARACTERS = tuple("0123456789") + tuple("+-*=;#") + ("\n", " ") + tuple("abcdefghijklmnopqrstuvwxyz")
+CHARACTERS = tuple("0123456789") + tuple("+-*=;#") + ("\n", " ") + tuple("abcdefghijklmnopqrstuvwxyz") + ("?",)
 
 # Qwen's ChatML layout: <|im_start|>{role}\n{content}<|im_end|>\n ... <|im_start|>assistant\n
 CHAT_TEMPLATE = (

@@ -90,7 +90,7 @@ class WarmStartConfig:
     enabled: bool = True
     steps: int = 400
     batch_size: int = 64
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     num_examples: int = 4000
     min_steps: int = 1
     max_steps: int = 2
@@ -105,6 +105,10 @@ class TrainConfig:
     output_dir: str = "runs/default"
     progress: bool = True
     log_every: int = 10  # console log line every N steps (metrics.jsonl gets every step)
+    # never: a fresh run (old checkpoints in output_dir are replaced); auto: continue from the newest
+    # complete checkpoint in output_dir when there is one (`--resume` on the command line)
+    resume: Literal["never", "auto"] = "never"
+    log_completions_every: int = 50  # sample of decoded completions to completions.jsonl; 0 = off
 
 
 @dataclasses.dataclass
@@ -118,7 +122,7 @@ class EvalConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
     save_final: bool = True
-    every_steps: int = 0
+    every_steps: int = 0  # train-state checkpoint every N steps (async) and at the end; 0 = off
     max_to_keep: int = 2
 
 
@@ -284,6 +288,9 @@ def validate(cfg: Config) -> None:
     check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
     check(r.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)")
     check(cfg.train.max_steps >= 0, "train.max_steps must be >= 0")
+    check(cfg.train.log_completions_every >= 0, "train.log_completions_every must be >= 0 (0 = off)")
+    check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = off)")
+    check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep must be >= 1")
     check(cfg.loss.num_iterations >= 1, "loss.num_iterations must be >= 1")
     check(cfg.loss.beta >= 0, "loss.beta must be >= 0")
     check(d.train_min_steps <= d.train_max_steps, "data.train_min_steps must be <= data.train_max_steps")

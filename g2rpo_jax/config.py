@@ -334,6 +334,11 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     return _build(raw)
 
 
+def config_from_dict(raw: dict) -> Config:
+    """A Config from a mapping of sections (e.g. `to_dict` output stored in a checkpoint)."""
+    return _build({k: dict(v or {}) for k, v in raw.items()})
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

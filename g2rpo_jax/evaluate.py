@@ -1,5 +1,8 @@
 """`g2rpo evaluate --checkpoint runs/demo [--num-samples k]`: held-out accuracy of a trained run.
 
+`--checkpoint` is a run directory (its final/ params, else its newest step checkpoint) or one step
+checkpoint `runs/demo/checkpoints/<step>`.
+
 Greedy accuracy always; with --num-samples k > 1 also pass@k (unbiased estimator) and maj@k over k
 samples per problem at the run's rollout temperature. Per-problem rows go to a JSONL file.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import sys
 from math import comb
@@ -16,12 +20,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from g2rpo_jax.checkpoint import load_params
-from g2rpo_jax.config import ConfigError, load_config
+from g2rpo_jax.checkpoint import load_newest_params, load_params, load_step_params, read_meta, step_dirs
+from g2rpo_jax.config import ConfigError, config_from_dict, load_config
 from g2rpo_jax.models import init_model
 from g2rpo_jax.rewards.embedded import extract_final_answer
 from g2rpo_jax.rollout import SamplingParams, decode_texts, generate
-from g2rpo_jax.train import load_task, resolve_model_config
+from g2rpo_jax.train import load_task, resolve_model_config, setup_logging
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -37,14 +41,55 @@ def majority_correct(predictions: list, answer: str) -> bool:
     return bool(votes) and votes.most_common(1)[0][0] == answer
 
 
-def find_run(checkpoint: str) -> tuple[Path, Path]:
-    """Accept a run directory or its final/ directory; return (run_dir, params_dir)."""
+@dataclasses.dataclass
+class Source:
+    """What `--checkpoint` points at: the run directory, and either a params directory (final/params)
+    or the checkpoints/ directory (newest usable step) or one step directory."""
+
+    run_dir: Path
+    params_dir: Path | None = None
+    checkpoints_dir: Path | None = None
+    step_dir: Path | None = None
+
+
+def find_run(checkpoint: str) -> Source:
+    """Accept a run directory (its final/ params, else its newest step checkpoint), its final/ directory,
+    its checkpoints/ directory or one checkpoints/<step> directory."""
     path = Path(checkpoint)
+    if path.name.isdigit() and path.parent.name == "checkpoints" and (path / "params").exists():
+        return Source(path.parent.parent, step_dir=path)
+    if path.name == "checkpoints" and step_dirs(path):
+        return Source(path.parent, checkpoints_dir=path)
     for run_dir in (path, path.parent):
         if (run_dir / "config.yaml").exists() and (run_dir / "final" / "params").exists():
-            return run_dir, run_dir / "final" / "params"
-    raise FileNotFoundError(f"'{checkpoint}' is not a finished run: expected config.yaml and final/params in it "
-                            "(the train.output_dir of a completed `g2rpo train`)")
+            return Source(run_dir, params_dir=run_dir / "final" / "params")
+    if step_dirs(path / "checkpoints"):
+        return Source(path, checkpoints_dir=path / "checkpoints")
+    raise FileNotFoundError(f"'{checkpoint}' is neither a finished run (config.yaml and final/params) nor a run "
+                            "with step checkpoints (checkpoints/<step>) nor one such step directory")
+
+
+def run_config(src: Source):
+    """The step checkpoint's own config when there is one (it travels with the checkpoint), else the
+    run's config.yaml."""
+    if src.step_dir is not None:
+        try:
+            return config_from_dict(read_meta(src.step_dir)["config"])
+        except (OSError, KeyError, ValueError):
+            pass
+    if not (src.run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"no config for '{src.step_dir or src.run_dir}': expected "
+                                f"{src.run_dir / 'config.yaml'}")
+    return load_config(str(src.run_dir / "config.yaml"))
+
+
+def load_policy(src: Source, like) -> tuple[Path, object]:
+    """(where the params came from, params)."""
+    if src.params_dir is not None:
+        return src.params_dir, load_params(src.params_dir, like)
+    if src.step_dir is not None:
+        return src.step_dir, load_step_params(src.step_dir, like)
+    return load_newest_params(src.checkpoints_dir, like)
 
 
 def sample_answers(graphdef, params, tok, test, idx, sampling, seed: int):
@@ -57,19 +102,22 @@ def sample_answers(graphdef, params, tok, test, idx, sampling, seed: int):
 
 
 def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, seed: int = 0) -> dict:
-    run_dir, params_dir = find_run(checkpoint)
-    cfg = load_config(str(run_dir / "config.yaml"))
+    src = find_run(checkpoint)
+    run_dir = src.run_dir
+    cfg = run_config(src)
     task = load_task(cfg)
     tok, test = task.tokenizer, task.test
     graphdef, like = init_model(resolve_model_config(cfg, tok), 0)
-    params = load_params(params_dir, like)
+    loaded_from, params = load_policy(src, like)
     n = min(cfg.eval.num_problems, len(test.answers))
     idx = np.arange(n)
     greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True)
     texts, preds = sample_answers(graphdef, params, tok, test, idx, greedy, seed)
     rows = [{"index": int(i), "question": test.examples[i].prompt, "answer": test.answers[i],
-             "greedy_completion": t, "greedy_correct": p == test.answers[i]} for i, t, p in zip(idx, texts, preds)]
-    summary = {"num_problems": n, "greedy_accuracy": float(np.mean([r["greedy_correct"] for r in rows]))}
+             "difficulty": int(test.difficulty[i]), "greedy_completion": t, "greedy_correct": p == test.answers[i]}
+            for i, t, p in zip(idx, texts, preds)]
+    summary = {"checkpoint": str(loaded_from), "num_problems": n,
+               "greedy_accuracy": float(np.mean([r["greedy_correct"] for r in rows]))}
     if num_samples > 1:
         r = cfg.rollout
         sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=r.temperature,
@@ -84,28 +132,57 @@ def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, 
                                                          for r in rows]))
         summary["pass@1"] = float(np.mean([r["samples_correct"] / num_samples for r in rows]))
         summary[f"maj@{num_samples}"] = float(np.mean([r["majority_correct"] for r in rows]))
-    out_path = Path(out) if out else run_dir / "eval_results.jsonl"
+        for row in rows:
+            row[f"pass@{num_samples}"] = pass_at_k(num_samples, row["samples_correct"], num_samples)
+    default_name = "eval_results.jsonl" if src.params_dir is not None else f"eval_results_step{loaded_from.name}.jsonl"
+    out_path = Path(out) if out else run_dir / default_name
     with open(out_path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     summary["results"] = str(out_path)
+    summary["table"] = difficulty_table(rows, num_samples)
     return summary
+
+
+def difficulty_table(rows: list[dict], num_samples: int) -> str:
+    """Accuracy per difficulty (problem steps) and overall, as a fixed-width table."""
+    cols = ["greedy"] + ([f"pass@1", f"pass@{num_samples}", f"maj@{num_samples}"] if num_samples > 1 else [])
+
+    def stats(group):
+        out = [np.mean([r["greedy_correct"] for r in group])]
+        if num_samples > 1:
+            out += [np.mean([r["samples_correct"] / num_samples for r in group]),
+                    np.mean([r[f"pass@{num_samples}"] for r in group]),
+                    np.mean([r["majority_correct"] for r in group])]
+        return out
+
+    lines = [f"{'difficulty':>10} {'n':>5} " + " ".join(f"{c:>8}" for c in cols)]
+    for d in sorted({r["difficulty"] for r in rows}):
+        group = [r for r in rows if r["difficulty"] == d]
+        lines.append(f"{d:>10} {len(group):>5} " + " ".join(f"{v:>8.3f}" for v in stats(group)))
+    lines.append(f"{'all':>10} {len(rows):>5} " + " ".join(f"{v:>8.3f}" for v in stats(rows)))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="g2rpo evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a run's train.output_dir (or its final/ dir)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run's train.output_dir (its final/ params, else its newest step checkpoint), its "
+                             "final/ dir, or one step checkpoint <output_dir>/checkpoints/<step>")
     parser.add_argument("--task", default="embedded", choices=["embedded"], help="evaluation task")
     parser.add_argument("--num-samples", type=int, default=1, help="samples per problem for pass@k / maj@k")
     parser.add_argument("--out", help="per-problem JSONL (default: <run>/eval_results.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         summary = evaluate_run(args.checkpoint, args.num_samples, args.out, args.seed)
     except (FileNotFoundError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    table = summary.pop("table")
+    print(table)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return 0
 

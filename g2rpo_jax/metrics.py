@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +28,52 @@ def to_python(value):
     return value
 
 
-class MetricsWriter:
-    """Appends rows to <output_dir>/metrics.jsonl and, if available, TensorBoard event files."""
+def truncate_jsonl(path: str | Path, max_step: int) -> list[dict]:
+    """Keep the rows of a JSONL log with step <= max_step (rewritten atomically); return them.
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True):
+    On resume from the checkpoint of step k, rows written after it by the interrupted run are dropped,
+    so the resumed run's rows replace them and no step appears twice.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if isinstance(row, dict) and row.get("step", max_step + 1) <= max_step:
+            rows.append(row)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return rows
+
+
+class MetricsWriter:
+    """Writes rows to <output_dir>/metrics.jsonl and, if available, TensorBoard event files.
+
+    A fresh run (`resume_step=None`) starts both logs over; a resumed one keeps the rows up to
+    `resume_step` and drops later ones (metrics.jsonl rewritten, TensorBoard told to purge them).
+    """
+
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
-        self._file = open(self.path, "a")
+        if resume_step is None:
+            self.rows = []
+            self._file = open(self.path, "w")
+        else:
+            self.rows = truncate_jsonl(self.path, resume_step)
+            self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            purge = 0 if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict) -> dict:
         row = {k: to_python(v) for k, v in row.items()}

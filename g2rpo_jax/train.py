@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from g2rpo_jax.checkpoint import save_params
+from g2rpo_jax.checkpoint import TrainCheckpointer, remove_checkpoints, save_params
 from g2rpo_jax.config import Config, ConfigError, describe_sections, load_config, to_dict
 from g2rpo_jax.data.embedded import embedded_splits
 from g2rpo_jax.data.pipeline import PromptIterator, TokenizedDataset, tokenize_examples
 from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
 from g2rpo_jax.guidance import init_guidance_state
-from g2rpo_jax.metrics import MetricsWriter, console_summary, split_mean
+from g2rpo_jax.metrics import MetricsWriter, console_summary, split_mean, truncate_jsonl
 from g2rpo_jax.models import init_model
 from g2rpo_jax.models.transformer import count_params
 from g2rpo_jax.rewards import combine_rewards, get_reward_funcs
@@ -120,11 +122,13 @@ def should_eval(step: int, cfg: Config) -> bool:
     return step == 0 or step == cfg.train.max_steps or (every > 0 and step % every == 0)
 
 
-def score(tokenizer, rollout, answers: list[str], reward_names: list[str], weights) -> tuple[np.ndarray, dict]:
-    """Host side: decode completions, run each reward function, combine with weights."""
+def score(tokenizer, rollout, answers: list[str], reward_names: list[str], weights):
+    """Host side: decode completions, run each reward function, combine with weights.
+
+    Returns (combined rewards, {name: per-function rewards}, decoded texts)."""
     texts = decode_texts(tokenizer, rollout)
     per_func = np.array([fn(texts, answers) for fn in get_reward_funcs(reward_names)], dtype=np.float32)
-    return combine_rewards(per_func, weights).astype(np.float32), dict(zip(reward_names, per_func))
+    return combine_rewards(per_func, weights).astype(np.float32), dict(zip(reward_names, per_func)), texts
 
 
 def clipped_ratio(rollout, eos_id: int) -> float:
@@ -133,23 +137,85 @@ def clipped_ratio(rollout, eos_id: int) -> float:
     return float((tokens[:, -1] != eos_id)[np.asarray(rollout.attention_mask)[:, -1]].sum() / len(tokens))
 
 
-def train(cfg: Config) -> dict:
-    """Run warm start (or its cache) and the RL stage; return the first and last metrics rows."""
+def sample_completions(step: int, questions: list[str], texts: list[str], rewards: np.ndarray, glen: np.ndarray,
+                       per_kind: int = 2) -> list[dict]:
+    """The first `per_kind` guided and the first `per_kind` unguided rows of a step (no RNG used)."""
+    guided = np.flatnonzero(glen > 0)[:per_kind]
+    unguided = np.flatnonzero(glen == 0)[:per_kind]
+    return [{"step": step, "prompt": questions[i], "completion": texts[i], "reward": float(rewards[i]),
+             "guided": bool(glen[i] > 0), "guide_len": int(glen[i])} for i in [*guided, *unguided]]
+
+
+def completions_table(rows: list[dict], width: int = 48) -> str:
+    """A small fixed-width console table of sampled completions."""
+    def cut(text: str) -> str:
+        text = text.replace("\n", "\\n").strip()
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    lines = [f"{'guided':<6} {'L':>3} {'reward':>6}  {'prompt':<{width}}  completion"]
+    for r in rows:
+        lines.append(f"{'yes' if r['guided'] else 'no':<6} {r['guide_len']:>3} {r['reward']:>6.2f}  "
+                     f"{cut(r['prompt']):<{width}}  {cut(r['completion'])}")
+    return "\n".join(lines)
+
+
+class StopSignals:
+    """SIGTERM / SIGINT set a flag that the loop checks at the end of each step (a second one of the
+    same kind interrupts at once). Only in the main thread; restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log.warning("received %s: saving a checkpoint at the end of this step, then exiting", self.received)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+        return False
+
+
+def _config_differences(saved: dict, current: dict, ignore=("train.resume", "train.progress")) -> list[str]:
+    out = []
+    for section, body in current.items():
+        for key, value in (body or {}).items():
+            name = f"{section}.{key}"
+            old = (saved.get(section) or {}).get(key)
+            if name not in ignore and json.loads(json.dumps(old)) != json.loads(json.dumps(value)):
+                out.append(f"{name}: {old!r} -> {value!r}")
+    return out
+
+
+def train(cfg: Config, *, stop_after: int | None = None) -> dict:
+    """Run warm start (or its cache) and the RL stage, or resume them from the newest checkpoint;
+    return the first and last metrics rows and the final state ("preempted": the step after which a
+    signal stopped the run, else None). `stop_after=k` stops after step k as a signal would (a
+    checkpoint is saved), for tests and time-limited jobs."""
     setup_logging()
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log.info("output dir %s, jax %s on %s", out_dir, jax.__version__, jax.devices()[0].platform)
 
     task = load_task(cfg)
     tok = task.tokenizer
-    tok.save_pretrained(out_dir / "tokenizer")
     model_cfg = resolve_model_config(cfg, tok)
     graphdef, params = init_model(model_cfg, cfg.train.seed)
     log.info("model %s: %.2fM params; %d train / %d held-out problems (difficulty %d-%d / %d-%d)",
              model_cfg.model_type, count_params(params) / 1e6, len(task.train.answers), len(task.test.answers),
              cfg.data.train_min_steps, cfg.data.train_max_steps, cfg.data.test_min_steps, cfg.data.test_max_steps)
-    params = warm_start(cfg, model_cfg, tok, graphdef, params)
 
     r, lc, g = cfg.rollout, cfg.loss, cfg.rollout.num_generations
     guidance_cfg = cfg.guidance
@@ -160,11 +226,57 @@ def train(cfg: Config) -> dict:
                                       o.lr_scheduler_type)
     optimizer = make_optimizer(schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
                                weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-        # A separate copy: the update donates the state's buffers, and the reference stays frozen.
-        ref_params=jax.tree.map(jnp.copy, params), guidance=init_guidance_state(guidance_cfg),
-        rng=jax.random.PRNGKey(cfg.train.seed))
+    iterator = PromptIterator(len(task.train.answers), r.prompts_per_step, seed=cfg.train.seed + cfg.data.seed,
+                              order=cfg.data.order)
+
+    # ---- resume from the newest usable checkpoint, or start a new run
+    model_meta = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
+    restored = None
+    if cfg.train.resume == "auto":
+        ckpt = TrainCheckpointer(out_dir, cfg.checkpoint.max_to_keep)
+        state_like = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": jax.eval_shape(optimizer.init, params),
+                      "guidance": jax.eval_shape(lambda: init_guidance_state(guidance_cfg)),
+                      "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+        try:
+            restored = ckpt.restore_latest(params, state_like, model_meta)
+        except ValueError as e:  # a checkpoint of another model, or none readable: one clear line
+            ckpt.close()
+            raise ConfigError(str(e)) from None
+        if restored is None:
+            log.info("resume: no checkpoint in %s yet; starting a new run", ckpt.directory)
+    else:
+        removed = remove_checkpoints(out_dir)
+        if removed:
+            log.warning("train.resume=never: replaced %d old checkpoints in %s (pass --resume to continue a run)",
+                        removed, out_dir / "checkpoints")
+        ckpt = TrainCheckpointer(out_dir, cfg.checkpoint.max_to_keep)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tok.save_pretrained(out_dir / "tokenizer")
+
+    if restored is None:
+        start = 0
+        params = warm_start(cfg, model_cfg, tok, graphdef, params)
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+            # A separate copy: the update donates the state's buffers, and the reference stays frozen.
+            ref_params=jax.tree.map(jnp.copy, params), guidance=init_guidance_state(guidance_cfg),
+            rng=jax.random.PRNGKey(cfg.train.seed))
+        ckpt.save_reference(state.ref_params)  # the initial policy, once: every resume restores it
+    else:
+        start, params, saved, iterator_state, meta, reference = restored
+        state = TrainState(step=saved["step"], params=params, opt_state=saved["opt_state"], ref_params=reference,
+                           guidance=saved["guidance"], rng=saved["rng"])
+        iterator.restore(iterator_state)
+        changed = _config_differences(meta.get("config", {}), to_dict(cfg))
+        if changed:
+            log.warning("resume: the config differs from the checkpoint's: %s", "; ".join(changed[:5]))
+        log.info("resume: continuing from %s (step %d of %d; warm start skipped)", ckpt.step_path(start), start,
+                 cfg.train.max_steps)
+
+    # Commit every leaf to the device: arrays restored from a checkpoint are committed, fresh ones
+    # partly not, and committed-ness is part of the compiled program. One form for both means a
+    # resumed run runs the very executables of a fresh one (and hits the same compilation cache).
+    state = jax.device_put(state, jax.devices()[0])
     sampling = SamplingParams(max_new_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k)
     rollout_fn = make_rollout_fn(graphdef, sampling, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
@@ -178,68 +290,108 @@ def train(cfg: Config) -> dict:
                                guidance_cfg=guidance_cfg,
                                max_completion_length=cfg.data.max_guidance_length + r.max_completion_length)
     evaluate = make_evaluator(graphdef, tok, task.test, cfg)
-    iterator = PromptIterator(len(task.train.answers), r.prompts_per_step, seed=cfg.train.seed + cfg.data.seed,
-                              order=cfg.data.order)
     reward_names = cfg.reward.reward_funcs
     weights = cfg.reward.reward_weights or [1.0] * len(reward_names)
-    writer = MetricsWriter(out_dir, tensorboard=True)
+    writer = MetricsWriter(out_dir, tensorboard=True, resume_step=None if restored is None else start)
+    completions_path = out_dir / "completions.jsonl"
+    if restored is None:
+        completions_path.write_text("")
+    else:
+        truncate_jsonl(completions_path, start)
 
-    first = writer.write({"step": 0, **evaluate(state.params)})
-    log.info("step 0 (warm start, before RL): held-out accuracy %.3f", first["eval/accuracy"])
-    last = first
-    bar = None
-    if cfg.train.progress:
-        from tqdm.auto import tqdm
+    def save_checkpoint(step: int, wait: bool = False) -> Path:
+        meta = {"step": step, "model": model_meta, "config": to_dict(cfg)}
+        train_state = {"step": state.step, "opt_state": state.opt_state, "guidance": state.guidance, "rng": state.rng}
+        return ckpt.save(step, state.params, train_state, iterator.state(), meta, wait=wait)
 
-        bar = tqdm(total=cfg.train.max_steps, desc="G²RPO-A", dynamic_ncols=True)
-    ds = task.train
-    for step in range(1, cfg.train.max_steps + 1):
-        t0 = time.perf_counter()
-        idx = np.repeat(iterator.next_indices(), g)  # G consecutive rows per prompt
-        length_used = int(state.guidance.length)
-        state, ro, glen = rollout_fn(state, ds.prompt_ids[idx], ds.prompt_mask[idx], ds.guide_ids[idx],
-                                     ds.guide_len[idx])
-        rewards, parts = score(tok, ro, [ds.answers[i] for i in idx], reward_names, weights)
-        signal = float(parts[cfg.reward.controller_signal].mean())
-        batch = {k: getattr(ro, k) for k in ("tokens", "positions", "attention_mask", "completion_mask",
-                                             "guidance_mask")}
-        state, m = update_fn(state, batch, jnp.asarray(rewards), jnp.float32(signal))
-        m = jax.device_get(m)
-        glen = np.asarray(glen)
-        guided = glen > 0
-        dt = time.perf_counter() - t0
-        row = {"step": step, **{k: v for k, v in m.items()}}
-        row.update({
-            "reward/guided": split_mean(rewards, guided), "reward/unguided": split_mean(rewards, ~guided),
-            "guidance/length": length_used, "guidance/ratio": float(state.guidance.ratio),
-            "guidance/mean_prefix_tokens": float(glen[guided].mean()) if guided.any() else 0.0,
-            "completions/mean_length": float(np.asarray(ro.completion_length).mean()),
-            "completions/clipped_ratio": clipped_ratio(ro, tok.eos_token_id),
-            "tokens_per_sec": float(np.asarray(ro.num_generated).sum()) / dt, "time/step": dt,
-        })
-        for name, values in parts.items():
-            row[f"rewards/{name}/mean"] = float(values.mean())
-        if should_eval(step, cfg):
-            row.update(evaluate(state.params))
-        last = writer.write(row)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(console_summary(last), refresh=False)
-        if cfg.train.log_every and step % cfg.train.log_every == 0 or "eval/accuracy" in row:
-            log.info("step %d: %s", step, " ".join(f"{k}={v}" for k, v in console_summary(last).items()))
-    if bar is not None:
-        bar.close()
-    writer.close()
+    every = cfg.checkpoint.every_steps
+    preempted = None
+    try:
+        with StopSignals() as stop:
+            if restored is None:
+                first = writer.write({"step": 0, **evaluate(state.params)})
+                log.info("step 0 (warm start, before RL): held-out accuracy %.3f", first["eval/accuracy"])
+            else:
+                first = next((row for row in writer.rows if row.get("step") == 0), {})
+            last = writer.rows[-1] if writer.rows else first
+            bar = None
+            if cfg.train.progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=cfg.train.max_steps, initial=start, desc="G²RPO-A", dynamic_ncols=True)
+            ds = task.train
+            for step in range(start + 1, cfg.train.max_steps + 1):
+                t0 = time.perf_counter()
+                idx = np.repeat(iterator.next_indices(), g)  # G consecutive rows per prompt
+                length_used = int(state.guidance.length)
+                state, ro, glen = rollout_fn(state, ds.prompt_ids[idx], ds.prompt_mask[idx], ds.guide_ids[idx],
+                                             ds.guide_len[idx])
+                rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], reward_names, weights)
+                signal_value = float(parts[cfg.reward.controller_signal].mean())
+                batch = {k: getattr(ro, k) for k in ("tokens", "positions", "attention_mask", "completion_mask",
+                                                     "guidance_mask")}
+                state, m = update_fn(state, batch, jnp.asarray(rewards), jnp.float32(signal_value))
+                m = jax.device_get(m)
+                glen = np.asarray(glen)
+                guided = glen > 0
+                dt = time.perf_counter() - t0
+                row = {"step": step, **{k: v for k, v in m.items()}}
+                row.update({
+                    "reward/guided": split_mean(rewards, guided), "reward/unguided": split_mean(rewards, ~guided),
+                    "guidance/length": length_used, "guidance/ratio": float(state.guidance.ratio),
+                    "guidance/mean_prefix_tokens": float(glen[guided].mean()) if guided.any() else 0.0,
+                    "completions/mean_length": float(np.asarray(ro.completion_length).mean()),
+                    "completions/clipped_ratio": clipped_ratio(ro, tok.eos_token_id),
+                    "tokens_per_sec": float(np.asarray(ro.num_generated).sum()) / dt, "time/step": dt,
+                })
+                for name, values in parts.items():
+                    row[f"rewards/{name}/mean"] = float(values.mean())
+                if should_eval(step, cfg):
+                    row.update(evaluate(state.params))
+                last = writer.write(row)
+                every_c = cfg.train.log_completions_every
+                if every_c and step % every_c == 0:
+                    sample = sample_completions(step, [ds.examples[i].prompt for i in idx], texts, rewards, glen)
+                    with open(completions_path, "a") as f:
+                        f.writelines(json.dumps(s) + "\n" for s in sample)
+                    log.info("step %d completions:\n%s", step, completions_table(sample))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(console_summary(last), refresh=False)
+                if cfg.train.log_every and step % cfg.train.log_every == 0 or "eval/accuracy" in row:
+                    log.info("step %d: %s", step, " ".join(f"{k}={v}" for k, v in console_summary(last).items()))
+                if stop_after is not None and step >= stop_after and stop.received is None:
+                    stop.received = f"stop_after={stop_after}"
+                if stop.received is not None:
+                    path = save_checkpoint(step, wait=True)
+                    preempted = step
+                    log.warning("stopped by %s after step %d of %d: checkpoint saved to %s; run again with "
+                                "--resume (train.resume=auto) to continue", stop.received, step,
+                                cfg.train.max_steps, path)
+                    break
+                if every and (step % every == 0 or step == cfg.train.max_steps):
+                    save_checkpoint(step)  # asynchronous: the next step runs while it is written
+            if bar is not None:
+                bar.close()
+    finally:
+        writer.close()
+        ckpt.close()  # waits for an asynchronous save in flight
+    if preempted is not None:
+        return {"first": first, "last": last, "state": state, "preempted": preempted}
     if cfg.checkpoint.save_final:
         path = save_params(out_dir / "final" / "params", state.params)
         log.info("final params saved to %s", path)
-    summary = {"step0_eval_accuracy": first["eval/accuracy"], "final_eval_accuracy": last.get("eval/accuracy"),
+    summary = {"step0_eval_accuracy": first.get("eval/accuracy"), "final_eval_accuracy": last.get("eval/accuracy"),
                "steps": cfg.train.max_steps, "output_dir": str(out_dir)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("done: held-out accuracy %.3f (step 0) -> %s (step %d); metrics in %s",
-             summary["step0_eval_accuracy"], summary["final_eval_accuracy"], cfg.train.max_steps,
+    log.info("done: held-out accuracy %s (step 0) -> %s (step %d); metrics in %s",
+             _fmt(summary["step0_eval_accuracy"]), _fmt(summary["final_eval_accuracy"]), cfg.train.max_steps,
              out_dir / "metrics.jsonl")
-    return {"first": first, "last": last, "state": state}
+    return {"first": first, "last": last, "state": state, "preempted": None}
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def build_parser(prog: str = "g2rpo train") -> argparse.ArgumentParser:
@@ -249,6 +401,9 @@ def build_parser(prog: str = "g2rpo train") -> argparse.ArgumentParser:
         epilog="overrides: section.key=value, e.g. train.max_steps=20 guidance.ratio=0.25\n\n"
                "config sections (key=default):\n" + describe_sections())
     parser.add_argument("--config", help="YAML config file (e.g. configs/default.yaml)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in train.output_dir "
+                             "(the same as train.resume=auto)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
     return parser
 
@@ -256,7 +411,7 @@ def build_parser(prog: str = "g2rpo train") -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*args.overrides, *(["train.resume=auto"] if args.resume else [])])
         train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -84,4 +84,5 @@ def test_cli_help_lists_sections_and_bad_key_exits_2():
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: unknown config key 'train.max_step'; valid keys in 'train': "
-                                               "max_steps, seed, output_dir, progress, log_every"]
+                                               "max_steps, seed, output_dir, progress, log_every, resume, "
+                                               "log_completions_every"]

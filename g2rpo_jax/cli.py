@@ -1,4 +1,4 @@
-"""`g2rpo <subcommand>`: train, evaluate."""
+"""`g2rpo <subcommand>`: train, evaluate, plot, sweep."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 SUBCOMMANDS = {
     "train": ("g2rpo_jax.train", "train with G²RPO-A"),
     "evaluate": ("g2rpo_jax.evaluate", "evaluate a trained checkpoint on held-out problems"),
+    "plot": ("g2rpo_jax.plot", "PNG plots of a run's metrics (reward, accuracy, L, KL)"),
+    "sweep": ("g2rpo_jax.sweep", "run configs x seeds and write the replication table and plots"),
 }
 
 USAGE = "usage: g2rpo {" + ",".join(SUBCOMMANDS) + "} [options]\n\n" + "\n".join(

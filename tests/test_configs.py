@@ -1,0 +1,139 @@
+"""Every config in configs/ loads, runs one step with tiny overrides, and differs from default.yaml only
+in the keys its header names (configs are full copies of default.yaml: this keeps them in sync)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from g2rpo_jax.config import load_config
+from g2rpo_jax.sweep import DEFAULT_CONFIGS
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+VARIANTS = [c for c in CONFIGS if c != "default"]
+HEADER = re.compile(r"^# differs from default\.yaml in: (.*)$")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def header_keys(path: Path) -> set[str]:
+    first = path.read_text().splitlines()[0]
+    match = HEADER.match(first)
+    assert match, f"{path.name}: the first line must be '# differs from default.yaml in: a.b, c.d'"
+    text = match.group(1).strip()
+    return set() if text in ("", "nothing") else {k.strip() for k in text.split(",")}
+
+
+def test_every_baseline_of_the_spec_has_a_config():
+    # SPEC section 7: vanilla GRPO, fixed L, linear decay, G²RPO-A (both rules), SFT, Clip-Higher
+    assert set(DEFAULT_CONFIGS) <= set(VARIANTS)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_config_differs_from_default_only_in_its_header_keys(name):
+    default = flatten(yaml.safe_load((CONFIG_DIR / "default.yaml").read_text()))
+    variant = flatten(yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()))
+    differing = {k for k in set(default) | set(variant) if default.get(k, "<absent>") != variant.get(k, "<absent>")}
+    assert differing == header_keys(CONFIG_DIR / f"{name}.yaml")
+    # each run writes to its own directory, so trying a config never overwrites another one's run
+    assert variant["train.output_dir"] == f"runs/{name}"
+
+
+def test_configs_set_what_their_method_changes():
+    cfg = {name: load_config(str(CONFIG_DIR / f"{name}.yaml")) for name in VARIANTS}
+    assert cfg["grpo"].guidance.ratio == 0.0
+    assert cfg["guided_fixed"].guidance.schedule == "fixed"
+    assert cfg["linear_decay"].guidance.schedule == "linear_decay"
+    assert (cfg["g2rpo_a"].guidance.schedule, cfg["g2rpo_a"].guidance.rule) == ("adaptive", "paper")
+    assert (cfg["g2rpo_a_reference"].guidance.schedule, cfg["g2rpo_a_reference"].guidance.rule) == ("adaptive",
+                                                                                                  "reference")
+    sft = cfg["sft"]
+    assert sft.train.max_steps == 0
+    # SFT on the RL methods' traces: the same difficulty range as the RL training problems
+    assert (sft.warm_start.min_steps, sft.warm_start.max_steps) == (sft.data.train_min_steps,
+                                                                    sft.data.train_max_steps)
+    clip = cfg["clip_higher"]
+    assert (clip.loss.epsilon, clip.loss.epsilon_high) == (0.2, 0.28)
+    assert clip.loss.num_iterations > 1  # with one iteration rho == 1 and no clip can act
+    # equal rollout budget for every RL method
+    budgets = {n: c.rollout.prompts_per_step * c.rollout.num_generations * c.train.max_steps
+               for n, c in cfg.items() if c.train.max_steps}
+    assert len(set(budgets.values())) == 1, budgets
+
+
+def tiny_overrides(tmp: Path, name: str, steps: int) -> list[str]:
+    return [
+        f"train.output_dir={tmp / name}", f"train.max_steps={steps}", "train.progress=false",
+        "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
+        "data.num_train=32", "data.num_test=4", "rollout.prompts_per_step=2", "rollout.num_generations=4",
+        "rollout.max_completion_length=16", "eval.num_problems=4", "eval.batch_size=4", "eval.max_new_tokens=16",
+        "warm_start.steps=2", "warm_start.batch_size=4", "warm_start.num_examples=16",
+        f"warm_start.cache_dir={tmp / 'warm_cache'}", "checkpoint.save_final=false",
+        "guidance.initial_length=8", "guidance.max_length=8",
+    ]
+
+
+@pytest.fixture(scope="module")
+def tmp_runs(tmp_path_factory):
+    """Run directories, a shared warm-start cache, and (unless the session has one already, see
+    conftest.py) a persistent compilation cache for this module: most configs compile the same
+    sampler and evaluator (only Python closures differ), so the cache saves most of the compile time.
+    Settings this fixture changes are restored afterwards."""
+    import jax
+
+    tmp = tmp_path_factory.mktemp("configs")
+    if jax.config.jax_compilation_cache_dir:
+        yield tmp
+        return
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", str(tmp / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield tmp
+    for k, v in old.items():
+        jax.config.update(k, v)
+    try:  # JAX decides once per process whether the cache is used; make it decide again
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):
+        pass
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_runs_one_step(name, tmp_runs):
+    from g2rpo_jax.train import train
+
+    path = CONFIG_DIR / f"{name}.yaml"
+    steps = min(load_config(str(path)).train.max_steps, 1)  # the SFT-only config runs no RL step
+    cfg = load_config(str(path), tiny_overrides(tmp_runs, name, steps))
+    result = train(cfg)
+    out = tmp_runs / name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["final_eval_accuracy"] <= 1.0
+    if steps == 0:  # SFT only: the final model is the warm-started one
+        assert summary["final_eval_accuracy"] == summary["step0_eval_accuracy"]
+        return
+    assert int(result["state"].step) == 1
+    row = rows[1]
+    assert 0.0 <= row["reward"] <= 1.0 and "frac_reward_zero_std" in row
+    if cfg.guidance.ratio == 0:
+        assert row["guidance/mean_prefix_tokens"] == 0.0  # no guided rollout
+    else:
+        assert row["guidance/mean_prefix_tokens"] > 0.0

@@ -146,7 +146,7 @@ def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, 
 
 def difficulty_table(rows: list[dict], num_samples: int) -> str:
     """Accuracy per difficulty (problem steps) and overall, as a fixed-width table."""
-    cols = ["greedy"] + ([f"pass@1", f"pass@{num_samples}", f"maj@{num_samples}"] if num_samples > 1 else [])
+    cols = ["greedy"] + (["pass@1", f"pass@{num_samples}", f"maj@{num_samples}"] if num_samples > 1 else [])
 
     def stats(group):
         out = [np.mean([r["greedy_correct"] for r in group])]

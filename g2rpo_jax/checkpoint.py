@@ -56,6 +56,10 @@ def save_params(path: str | os.PathLike, params) -> Path:
     return path
 
 
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint written by a different model or config: an error, never a fallback."""
+
+
 def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -70,7 +74,7 @@ def _shapes(tree) -> dict[str, tuple]:
 
 
 def check_shapes(path, saved_tree, like, what: str = "checkpoint") -> None:
-    """Raise one clear ValueError when `saved_tree` (arrays or Orbax metadata) does not have the
+    """Raise one clear CheckpointMismatch when `saved_tree` (arrays or Orbax metadata) does not have the
     leaves and shapes of `like`; the first difference is named."""
     saved, wanted = _shapes(saved_tree), _shapes(like)
     if saved == wanted:
@@ -83,7 +87,7 @@ def check_shapes(path, saved_tree, like, what: str = "checkpoint") -> None:
     else:
         name = next(k for k in wanted if saved[k] != wanted[k])
         detail = f"{name} has shape {saved[name]} there but {wanted[name]} in the configured model"
-    raise ValueError(f"{what} '{path}' does not match the configured model: {detail}. "
+    raise CheckpointMismatch(f"{what} '{path}' does not match the configured model: {detail}. "
                      "Use the model settings it was trained with.")
 
 
@@ -110,10 +114,6 @@ def load_params(path: str | os.PathLike, like):
                 f"checkpoint '{path}' does not match the configured model (different shapes or layers): "
                 f"{str(e).splitlines()[0][:300]}. Use the model settings it was trained with."
             ) from None
-
-
-class CheckpointMismatch(ValueError):
-    """A readable checkpoint written by a different model or config: an error, never a fallback."""
 
 
 def _model_mismatch(saved: dict, current: dict) -> Optional[str]:
@@ -192,15 +192,6 @@ class TrainCheckpointer:
                 item_meta = self.manager.item_metadata(step)
                 check_shapes(path / "params", item_meta["params"], params_like, "checkpoint")
                 check_shapes(path / "state", item_meta["state"], state_like, "checkpoint")
-            except ValueError as e:
-                if "does not match the configured model" in str(e):
-                    raise CheckpointMismatch(str(e)) from None
-                errors.append(self._skip(path, e))
-                continue
-            except Exception as e:  # noqa: BLE001
-                errors.append(self._skip(path, e))
-                continue
-            try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(_abstract(params_like)),
                     state=ocp.args.StandardRestore(_abstract(state_like)),
@@ -209,7 +200,7 @@ class TrainCheckpointer:
                 check_shapes(path / "params", params, params_like, "checkpoint")
             except CheckpointMismatch:
                 raise
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - any read failure means an unusable checkpoint
                 errors.append(self._skip(path, e))
                 continue
             reference = self.load_reference(params_like)
@@ -286,20 +277,10 @@ def load_newest_params(checkpoints_dir: str | os.PathLike, like) -> tuple[Path, 
     errors = []
     for path in step_dirs(checkpoints_dir):
         try:
-            with ocp.StandardCheckpointer() as ckptr:
-                meta = ckptr.metadata(path.absolute() / "params")
-            check_shapes(path / "params", getattr(meta, "item_metadata", meta), like)
-        except ValueError as e:
-            if "does not match the configured model" in str(e):
-                raise
-            errors.append(TrainCheckpointer._skip(path, e))
-            continue
-        except Exception as e:  # noqa: BLE001
-            errors.append(TrainCheckpointer._skip(path, e))
-            continue
-        try:
-            return path, load_step_params(path, like)
-        except Exception as e:  # noqa: BLE001
+            return path, load_step_params(path, like)  # checks shapes from the metadata first
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure means an unusable checkpoint
             errors.append(TrainCheckpointer._skip(path, e))
     if errors:
         raise ValueError(f"no usable checkpoint in '{checkpoints_dir}': newest: {errors[0]}")

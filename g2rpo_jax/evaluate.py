@@ -24,7 +24,7 @@ from g2rpo_jax.checkpoint import load_newest_params, load_params, load_step_para
 from g2rpo_jax.config import ConfigError, config_from_dict, load_config
 from g2rpo_jax.models import init_model
 from g2rpo_jax.rewards.embedded import extract_final_answer
-from g2rpo_jax.rollout import SamplingParams, decode_texts, generate
+from g2rpo_jax.rollout import SamplingParams, complete_prompts
 from g2rpo_jax.train import load_task, resolve_model_config, setup_logging
 
 
@@ -93,11 +93,8 @@ def load_policy(src: Source, like) -> tuple[Path, object]:
 
 
 def sample_answers(graphdef, params, tok, test, idx, sampling, seed: int):
-    guides = np.zeros((len(idx), 0), np.int32)
-    out = generate(graphdef, params, test.prompt_ids[idx], test.prompt_mask[idx], guides,
-                   np.zeros((len(idx),), np.int32), jax.random.PRNGKey(seed), sampling=sampling,
-                   eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-    texts = decode_texts(tok, out)
+    texts = complete_prompts(graphdef, params, tok, test.prompt_ids[idx], test.prompt_mask[idx],
+                             jax.random.PRNGKey(seed), sampling=sampling)
     return texts, [extract_final_answer(t) for t in texts]
 
 

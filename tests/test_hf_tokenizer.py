@@ -115,6 +115,12 @@ def test_guidance_tokens_continue_the_prompt(tok):
         assert tok.decode(prompt + guide) == render_prompt(tok, ex.prompt, "Be brief.") + ex.guidance
         assert guide == tok.encode(ex.guidance, add_special_tokens=False)
         assert (ds.prompt_ids[i][~ds.prompt_mask[i]] == tok.pad_token_id).all()
+    # a long trace: a malformed row, or (truncate_guidance, the reference's behaviour) its first tokens
+    full = tok.encode(exs[0].guidance, add_special_tokens=False)
+    with pytest.raises(ValueError, match="data.max_guidance_length=4"):
+        tokenize_examples(exs, tok, max_prompt_length=32, max_guidance_length=4)
+    cut = tokenize_examples(exs, tok, max_prompt_length=32, max_guidance_length=4, truncate_guidance=True)
+    assert cut.guide_ids[0].tolist() == full[:4] and cut.guide_len.tolist() == [4, 4] and cut.dropped == {}
 
 
 def test_bad_directory_and_offline_hub_id(tmp_path, monkeypatch):

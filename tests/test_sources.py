@@ -92,6 +92,15 @@ def test_hf_column_mapping_parquet_and_curriculum(tmp_path):
         load_examples(hf_cfg(tmp_path, tmp_path / "data", test_split="validation", **cols))
 
 
+def test_hf_test_dataset_without_guidance(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", paper_rows(4))
+    (tmp_path / "bench").mkdir()  # a benchmark: problem / solution / answer, no traces
+    write_jsonl(tmp_path / "bench" / "test.jsonl", [{"problem": "1+1?", "solution": "\\boxed{2}", "answer": "2"}])
+    out = load_examples(hf_cfg(tmp_path, train, test_dataset_name=str(tmp_path / "bench"), test_split="test"))
+    assert len(out["train"].examples) == 4  # nothing held out
+    assert [(e.prompt, e.answer, e.guidance) for e in out["test"].examples] == [("1+1?", "2", "")]
+
+
 def test_malformed_rows_are_counted_or_raise(tmp_path):
     rows = paper_rows(8)
     rows[1]["solution"] = None  # missing answer

@@ -59,6 +59,7 @@ def tokenize_examples(
     system_prompt: str | None = None,
     enable_thinking: bool | None = None,
     warn: bool = True,
+    truncate_guidance: bool = False,
 ) -> TokenizedDataset:
     """Render, tokenize and pad ``examples`` (objects with ``prompt``, ``answer``, ``guidance``,
     optional ``difficulty``); prompts are rendered by `render_prompt` (``system_prompt``,
@@ -68,7 +69,9 @@ def tokenize_examples(
     guidance)`` minus the prompt's tokens, which are the tokens the policy would produce after the
     assistant header. A row whose prompt or trace exceeds its limit is never truncated (a cut trace
     would no longer end in the answer): ``on_error="raise"`` raises, ``"skip"`` drops it, counts it
-    in ``dropped`` and (``warn=True``) says so in one warning.
+    in ``dropped`` and (``warn=True``) says so in one warning. ``truncate_guidance=True`` keeps the
+    first ``max_guidance_length`` tokens of a long trace instead, as the reference code does: a rollout
+    uses at most L <= guidance.max_length tokens of it anyway.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
@@ -115,6 +118,8 @@ def tokenize_examples(
                 )
             long_prompts.append(i)
             bad = True
+        if len(g) > max_guidance_length and truncate_guidance:
+            guide_tok[i] = g = g[:max_guidance_length]
         if len(g) > max_guidance_length:
             if on_error == "raise":
                 raise ValueError(

@@ -245,7 +245,8 @@ def _difficulty(value: Any, column: str) -> Optional[float]:
 
 def rows_to_examples(rows: Iterable[Mapping[str, Any]], columns: dict, split: str, on_error: str,
                      require_guidance: bool) -> SourceSplit:
-    """Map rows to Examples; malformed rows raise (``on_error="raise"``) or are counted and skipped."""
+    """Map rows to Examples; malformed rows raise (``on_error="raise"``) or are counted and skipped.
+    Without ``require_guidance`` a row may lack the guidance column too (evaluation sets)."""
     examples: list[Example] = []
     skipped: Counter = Counter()
     n = 0
@@ -253,6 +254,8 @@ def rows_to_examples(rows: Iterable[Mapping[str, Any]], columns: dict, split: st
         fields = {}
         for key in ("prompt", "answer", "guidance"):
             value = get_field(row, columns[key])
+            if value is _Missing and key == "guidance" and not require_guidance:
+                value = None
             if value is _Missing:
                 raise ConfigError(f"data ({split}): column {columns[key]!r} not found; the rows have "
                                   f"{', '.join(sorted(map(str, row)))}; set data.{key}_column")
@@ -296,13 +299,18 @@ def load_examples(d, require_guidance: bool = True) -> dict[str, SourceSplit]:
     The train split keeps the source's order, sorted (stably) by difficulty when
     ``d.order == "sequential"`` (the curriculum); at most ``d.num_train`` rows of it are read (-1: all)
     and at most ``d.num_test`` test rows. Without a test split, ``num_test`` rows drawn with
-    ``d.seed`` are held out of the train split. ``require_guidance=False`` (vanilla GRPO) accepts rows
-    without a trace.
+    ``d.seed`` are held out of the train split; ``d.test_dataset_name`` reads the test rows from
+    another dataset instead. ``require_guidance=False`` (vanilla GRPO) accepts train rows without a
+    trace; test rows never need one.
     """
     if d.source not in SOURCES:
         raise ConfigError(f"data.source={d.source!r} is not one of {', '.join(SOURCES)}")
-    raw = SOURCES[d.source].read(d)
+    raw = SOURCES[d.source].read(dataclasses.replace(d, test_split=None) if d.test_dataset_name else d)
     train_rows, test_rows = raw["train"], raw["test"]
+    if d.test_dataset_name:  # evaluate on another dataset: its test_split, read as that dataset's only split
+        other = dataclasses.replace(d, dataset_name=d.test_dataset_name, dataset_config=None,
+                                    train_split=d.test_split or "test", test_split=None, num_train=d.num_test)
+        test_rows = SOURCES[d.source].read(other)["train"]
     if test_rows is None:
         if len(train_rows) <= d.num_test:
             raise ConfigError(f"the train split has {len(train_rows)} rows, too few to hold out data.num_test="
@@ -315,7 +323,9 @@ def load_examples(d, require_guidance: bool = True) -> dict[str, SourceSplit]:
     columns = columns_for(d)
     out = {}
     for split, rows, limit in (("train", train_rows, d.num_train), ("test", test_rows, d.num_test)):
-        out[split] = rows_to_examples(_take(rows, limit), columns, split, d.on_error, require_guidance)
+        # held-out problems are evaluated without guidance: a trace is never required there
+        out[split] = rows_to_examples(_take(rows, limit), columns, split, d.on_error,
+                                      require_guidance and split == "train")
         if not out[split].examples:
             raise ConfigError(f"data ({split}): no usable rows out of {out[split].num_rows} "
                               f"({skip_summary(out[split].skipped) or 'the split is empty'})")

@@ -63,6 +63,13 @@ def test_hf_jsonl_paper_schema_with_hold_out(tmp_path):
     assert idx == sorted(idx)
     again = load_examples(hf_cfg(tmp_path, path, num_train=4, num_test=3, seed=1))
     assert again["test"].examples == test and again["train"].examples == train[:4]
+    # several files (a glob, or comma-separated) form one train split, in name order
+    write_jsonl(tmp_path / "part_b.jsonl", paper_rows(2, start=20))
+    write_jsonl(tmp_path / "part_a.jsonl", paper_rows(2, start=10))
+    for name in (tmp_path / "part_*.jsonl", f"{tmp_path / 'part_a.jsonl'},{tmp_path / 'part_b.jsonl'}"):
+        out = load_examples(hf_cfg(tmp_path, name, num_test=1, test_split=None, seed=0))
+        prompts = [e.prompt for e in out["train"].examples + out["test"].examples]
+        assert sorted(prompts) == sorted(f"What is {i} + {i}?" for i in (10, 11, 20, 21))
 
 
 def test_hf_column_mapping_parquet_and_curriculum(tmp_path):

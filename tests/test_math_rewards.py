@@ -86,13 +86,13 @@ def test_registry_and_weights():
 def test_pool_matches_in_process_scoring_and_recovers_from_a_timeout():
     completions = ["\\boxed{4}", "<answer>5</answer>", "x = 7", PATHOLOGICAL, "\\boxed{\\frac{2}{4}}", "\\boxed{9}"]
     golds = ["4", "5", "7", "1", "0.5", "8"]
-    with ScoringPool(num_workers=2, timeout_s=2.0) as pool:
+    with ScoringPool(num_workers=2, timeout_s=3.0) as pool:  # under math-verify's own 5 s alarm
         t0 = time.perf_counter()
         got = math_accuracy_reward(completions, golds, pool=pool)
         elapsed = time.perf_counter() - t0
         assert got == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
         assert pool.num_timeouts == 1
-        assert elapsed < 30  # the pathological item was cut at 2 s, not left to run
+        assert elapsed < 60  # the pathological item was cut at 3 s, not left to run
         # the restarted pool scores again, and agrees with scoring in this process
         again = math_accuracy_reward(completions[:3] + completions[4:], golds[:3] + golds[4:], pool=pool)
         assert again == [math_accuracy_one(c, g) for c, g in zip(completions[:3] + completions[4:],
@@ -101,7 +101,7 @@ def test_pool_matches_in_process_scoring_and_recovers_from_a_timeout():
 
 
 def test_pool_timeouts_and_errors_give_the_default():
-    with ScoringPool(num_workers=2, timeout_s=1.0) as pool:
+    with ScoringPool(num_workers=2, timeout_s=2.0) as pool:
         assert pool.map(time.sleep, [(0,), (60,), (0,), (0,)], default="late") == [None, "late", None, None]
         assert pool.map(int, [("x",), ("3",)], default=-1) == [-1, 3]
         assert (pool.num_timeouts, pool.num_errors) == (1, 1)

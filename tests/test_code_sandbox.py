@@ -53,9 +53,12 @@ def world(tmp_path, monkeypatch):
     token = uuid.uuid4().hex[:12]
     secret = "s3cr3t-" + uuid.uuid4().hex
     monkeypatch.setenv("G2RPO_SANDBOX_TEST_SECRET", secret)
-    open_dir = tmp_path / "open"
+    open_dir = tmp_path / "open"  # world-writable, under the host's /tmp
     open_dir.mkdir()
     open_dir.chmod(0o777)
+    open_outside = Path.cwd() / f".g2rpo_sandbox_open_{token}"  # world-writable, outside /tmp and homes
+    open_outside.mkdir()
+    open_outside.chmod(0o777)
     home_secret = Path.home() / f".g2rpo_sandbox_secret_{token}"
     home_secret.write_text(secret)
     home_secret.chmod(0o644)  # readable by anyone by its mode: only hiding the home protects it
@@ -66,7 +69,7 @@ def world(tmp_path, monkeypatch):
     sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     w = {
         "markers": [Path.home() / f".g2rpo_sandbox_marker_{token}", Path("/tmp") / f"g2rpo_sandbox_marker_{token}",
-                    open_dir / "marker", Path.cwd() / f".g2rpo_sandbox_marker_{token}"],
+                    open_dir / "marker", open_outside / "marker", Path.cwd() / f".g2rpo_sandbox_marker_{token}"],
         "secret": secret, "home_secret": home_secret, "server": server, "port": server.getsockname()[1], "sibling": sibling.pid,
     }
     yield w
@@ -77,6 +80,7 @@ def world(tmp_path, monkeypatch):
     for m in w["markers"]:
         if m.exists():
             m.unlink()
+    open_outside.rmdir()
 
 
 def hostile_programs(w) -> dict[str, tuple[str, str]]:

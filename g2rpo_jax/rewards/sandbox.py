@@ -136,12 +136,30 @@ def _mounts(spec):
             err = ctypes.get_errno()
             raise OSError(err, "mount %s on %s: %s" % (src, dst, os.strerror(err)))
     keep = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in spec["keep"]]
+    # Every mount read-only (flags the mount has are kept: a user namespace may not drop them).
+    option_flags = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": 8, "noatime": 1024,
+                    "nodiratime": 2048, "relatime": 1 << 21, "strictatime": 1 << 24}
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for fields in mounts:
+        point = fields[4].encode().decode("unicode_escape")
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for opt in fields[5].split(","):
+            flags |= option_flags.get(opt, 0)
+        try:
+            mount(None, point, None, flags)
+        except OSError:
+            pass  # a mount hidden under another one, or locked: the uid drop still applies
     for home in spec["hide"]:
         mount("tmpfs", home, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
         for path, fd in keep:
             if path.startswith(home.rstrip("/") + "/"):
                 os.makedirs(path, exist_ok=True)
                 mount("/proc/self/fd/%d" % fd, path, None, MS_BIND | MS_REC)
+                try:
+                    mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+                except OSError:
+                    pass
         mount(None, home, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     owner = "" if spec["uid"] is None else ",uid=%d,gid=%d" % (spec["uid"], spec["gid"])
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm,mode=0700%s" % (spec["tmpfs_mb"], owner))
@@ -422,12 +440,24 @@ def default_workers() -> int:
     return max(2, min(32, 2 * (os.cpu_count() or 1)))
 
 
+@functools.lru_cache(maxsize=None)
+def check_sandbox() -> str:
+    """Run a trivial program once; a sandbox that cannot run even that (e.g. the Python install is
+    hidden by the mounts) would silently score every program 0, so it is an error instead."""
+    result = run_program("print(6 * 7)", limits=SandboxLimits(timeout_s=30))
+    if not (result.ok and result.stdout == "42\n"):
+        raise RuntimeError(f"the code sandbox ({isolation_mode()}) cannot run a trivial program: status "
+                           f"{result.status}, stderr: {result.stderr.strip()[-500:]!r}; see g2rpo_jax/rewards/sandbox.py")
+    return isolation_mode()
+
+
 def run_many(jobs: Sequence[Job], limits: SandboxLimits = SandboxLimits(), max_workers: Optional[int] = None,
              tag: str = "") -> list[RunResult]:
     """Run ``jobs`` concurrently on a bounded thread pool (each thread drives one child); results in order."""
     limits.validate()
     if not jobs:
         return []
+    check_sandbox()
     workers = max(1, min(max_workers or default_workers(), len(jobs)))
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sandbox") as pool:
         return list(pool.map(lambda j: run_program(j.code, j.stdin, limits, exit_ok=j.exit_ok, tag=tag), jobs))

@@ -186,11 +186,20 @@ def test_no_process_outlives_its_run_and_nproc_caps_forks():
     assert wait_no_processes(tag) == []
 
 
-def test_plain_mode_still_limits_time_and_runs_programs(monkeypatch):
+PRIVILEGES = ("import os\nst = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines())\n"
+              "print(st['CapEff'].strip(), st['NoNewPrivs'].strip(), input()[::-1])\n")
+
+
+def test_programs_run_without_privileges():
+    result = run_program(PRIVILEGES, "abc\n", SandboxLimits(timeout_s=10))
+    assert result.ok and result.stdout == "0000000000000000 1 cba\n", result
+
+
+def test_plain_mode_still_limits_time_and_drops_privileges(monkeypatch):
     """The fallback without namespaces (e.g. a container without CAP_SYS_ADMIN)."""
     monkeypatch.setattr(sandbox, "isolation_mode", lambda: "plain")
     limits = SandboxLimits(timeout_s=LIMIT_S)
-    ok = run_program("print(input()[::-1])", "abc\n", limits)
+    ok = run_program(PRIVILEGES, "abc\n", limits)
     loop = run_program("while True:\n    pass\n", "", limits)
-    assert ok.ok and ok.stdout == "cba\n"
+    assert ok.ok and ok.stdout == "0000000000000000 1 cba\n", ok
     assert loop.status == "timeout" and loop.elapsed_s < LIMIT_S + SLACK_S

@@ -6,28 +6,30 @@ run gets, in the strongest mode this machine allows (``isolation_mode()``):
 
 ``namespaces-root`` (trainer runs as root and ``unshare`` works; what this machine uses):
   ``unshare --mount --net --pid --fork --mount-proc --kill-child``, then the prelude, still root
-  inside the new namespaces: a fresh size-limited tmpfs on ``/tmp`` (also bound over ``/var/tmp``,
-  ``/dev/shm``, ``/run/lock``) as working directory and ``HOME``; read-only empty tmpfs over the
-  home directories (``/root``, ``/home``, the trainer's ``$HOME``) with only the Python install
-  bound back in; then it drops to an unprivileged uid (``nobody``) and applies ``RLIMIT_NPROC``.
+  inside the new namespaces: every existing mount remounted read-only; read-only empty tmpfs over
+  the home directories (``/root``, ``/home``, the trainer's ``$HOME``) with only the Python install
+  bound back in (read-only); a fresh size-limited tmpfs on ``/tmp`` (also bound over ``/var/tmp``,
+  ``/dev/shm``, ``/run/lock``) as working directory and ``HOME``; then it sets no_new_privs and
+  drops to an unprivileged uid (``nobody``, no capabilities) under ``RLIMIT_NPROC``.
   So: no network (an empty network namespace: even loopback is down), no view of or signal to
   processes outside the run (own PID namespace; when its first process dies the kernel kills the
-  rest), writes only to its own tmpfs (everything else is root-owned), no reads of other users'
-  private files or the homes, and no fork bomb beyond ``nproc`` processes.
+  rest), writes only to its own tmpfs, no reads of the homes or of files only their owner may read,
+  no privilege from setuid binaries, and no fork bomb beyond ``nproc`` processes.
 ``namespaces-user`` (non-root trainer, unprivileged user namespaces allowed): the same namespaces
-  and mounts inside ``unshare --user --map-root-user``, but no uid drop (there is no other uid to
-  drop to), so the program can still write files the trainer's user owns outside the hidden homes.
-  ``RLIMIT_NPROC`` is not set (it would count all the user's processes). Not exercised by the tests
-  on the development machine, which runs as root.
-``plain`` (no ``unshare``, e.g. a container without ``CAP_SYS_ADMIN``): resource limits, a cleared
-  environment, a fresh temporary directory and the prelude guard only; as root it drops to
-  ``nobody`` when the Python install is readable by others. Weak: prefer a machine where
-  ``unshare`` works.
+  and mounts inside ``unshare --user --map-root-user``; instead of a uid drop (there is no other
+  uid) the prelude clears every capability. ``RLIMIT_NPROC`` is not set (it would count all the
+  user's processes). Not exercised by the tests on the development machine, which runs as root.
+``plain`` (no working ``unshare``, e.g. a container without ``CAP_SYS_ADMIN``, or
+  ``G2RPO_SANDBOX=plain``): resource limits, no_new_privs, a cleared environment, a fresh temporary
+  directory and the prelude guard only; as root it drops to ``nobody`` when the Python install is
+  readable by others, else it keeps uid 0 without capabilities (it can then read and write root's
+  files). Weak: no network or filesystem isolation; prefer a machine where ``unshare`` works.
 
-In every mode: ``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core files,
-a wall-clock deadline after which the whole process group (and, through ``--kill-child``, the PID
-namespace) gets SIGKILL, stdout/stderr read through pipes with a size cap (over the cap: killed),
-a cleared environment (``PATH``, ``HOME``, ``LANG`` only), stdin from a file. The prelude guard
+In every mode: ``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core files
+(set by the prelude: a ``preexec_fn`` would fork the multithreaded trainer), a wall-clock deadline
+after which the whole process group (and, through ``--kill-child``, the PID namespace) gets
+SIGKILL, stdout/stderr read through pipes with a size cap (over the cap: killed), a cleared
+environment (``PATH``, ``HOME``, ``LANG`` only), stdin from a file. The prelude guard
 (``guard=True``) also disables ``socket``, ``os.system``, ``subprocess``, ``os.fork``/``exec*``/
 ``kill`` and ``ctypes`` loading in the program: defence in depth, not the boundary (the tests run
 the hostile programs with the guard off too).
@@ -117,14 +119,30 @@ def _setup():
     for name, value in spec["rlimits"].items():
         resource.setrlimit(getattr(resource, name), tuple(value))
     os.nice(5)
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: setuid binaries and file caps stay inert
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
     if spec["uid"] is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (spec["nproc"], spec["nproc"]))
         os.setgroups([])
         os.setgid(spec["gid"])
-        os.setuid(spec["uid"])
+        os.setuid(spec["uid"])  # from root to another uid: all capabilities go
+    else:
+        _drop_capabilities(ctypes, libc)
     os.chdir(spec["workdir"])
     os.umask(0o077)
     return spec
+
+def _drop_capabilities(ctypes, libc):
+    """No uid to drop to (user namespace, or plain mode as root): clear every capability instead."""
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+    if libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) != 0:  # _LINUX_CAPABILITY_VERSION_3
+        raise OSError(ctypes.get_errno(), "capset")
 
 def _mounts(spec):
     import ctypes
@@ -222,7 +240,16 @@ _run(_setup())
 
 @functools.lru_cache(maxsize=None)
 def isolation_mode() -> str:
-    """'namespaces-root', 'namespaces-user' or 'plain' (see the module docstring)."""
+    """'namespaces-root', 'namespaces-user' or 'plain' (see the module docstring).
+
+    ``G2RPO_SANDBOX=plain`` forces the weak mode, for machines where ``unshare`` works but mounting
+    inside it does not (the sandbox's self-check then fails with the reason)."""
+    forced = os.environ.get("G2RPO_SANDBOX", "")
+    if forced:
+        if forced != "plain":
+            raise ValueError(f"G2RPO_SANDBOX={forced!r}: the only accepted value is 'plain' (weaker isolation)")
+        log.warning("sandbox: G2RPO_SANDBOX=plain: untrusted code runs with resource limits only")
+        return "plain"
     unshare = shutil.which("unshare")
     if unshare is None:
         return "plain"
@@ -447,7 +474,8 @@ def check_sandbox() -> str:
     result = run_program("print(6 * 7)", limits=SandboxLimits(timeout_s=30))
     if not (result.ok and result.stdout == "42\n"):
         raise RuntimeError(f"the code sandbox ({isolation_mode()}) cannot run a trivial program: status "
-                           f"{result.status}, stderr: {result.stderr.strip()[-500:]!r}; see g2rpo_jax/rewards/sandbox.py")
+                           f"{result.status}, stderr: {result.stderr.strip()[-500:]!r}; see g2rpo_jax/rewards/sandbox.py (or set "
+                           "G2RPO_SANDBOX=plain to accept resource limits only)")
     return isolation_mode()
 
 

@@ -172,7 +172,8 @@ def main(argv=None) -> int:
                              "final/ dir, or one step checkpoint <output_dir>/checkpoints/<step>")
     parser.add_argument("--task", default="embedded", choices=["embedded", "humaneval"], help="evaluation task")
     parser.add_argument("--num-samples", type=int, default=1, help="samples per problem for pass@k / maj@k")
-    parser.add_argument("--out", help="per-problem JSONL (default: <run>/eval_results.jsonl)")
+    parser.add_argument("--out", help="per-problem JSONL (default: <run>/eval_results.jsonl; humaneval: "
+                                      "<samples>_results.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", help="humaneval: JSONL of task_id/completion rows to score (written first "
                                           "when --checkpoint is given)")

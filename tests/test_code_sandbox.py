@@ -7,7 +7,9 @@ attack failed (or the program was stopped). They run in parallel, with the in-pr
 default) and off (the namespaces and the unprivileged uid alone must hold).
 """
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import pytest
 from g2rpo_jax.rewards import code as code_mod
 from g2rpo_jax.rewards import sandbox
 from g2rpo_jax.rewards.code import pass_fractions, parse_tests, stdio_tests
-from g2rpo_jax.rewards.sandbox import SandboxLimits, isolation_mode, run_program
+from g2rpo_jax.rewards.sandbox import RunResult, SandboxLimits, isolation_mode, run_program
 
 LIMIT_S = 3.0
 SLACK_S = 1.5
@@ -203,3 +205,43 @@ def test_plain_mode_still_limits_time_and_drops_privileges(monkeypatch):
     loop = run_program("while True:\n    pass\n", "", limits)
     assert ok.ok and ok.stdout == "0000000000000000 1 cba\n", ok
     assert loop.status == "timeout" and loop.elapsed_s < LIMIT_S + SLACK_S
+
+
+def _can_emulate_user_mode() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = ["unshare", "--user", "--map-user=1000", "--map-group=1000", "true"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+USER_MODE_CHILD = """
+import json, sys
+from g2rpo_jax.rewards.code import pass_fractions, parse_tests, stdio_tests
+from g2rpo_jax.rewards.sandbox import SandboxLimits, isolation_mode, run_program
+job = json.load(sys.stdin)
+limits = SandboxLimits(timeout_s=job["timeout"], guard=False)
+tests = [parse_tests(stdio_tests([("", expected)])) for _, expected in job["programs"]]
+fractions, runs = pass_fractions([p for p, _ in job["programs"]], tests, limits, max_workers=len(tests), tag=job["tag"])
+probe = run_program(job["probe"], "abc\\n", limits)
+print(json.dumps({"mode": isolation_mode(), "fractions": fractions, "probe": probe.__dict__,
+                  "runs": [[r.__dict__ for r in rs] for rs in runs]}))
+"""
+
+
+@pytest.mark.skipif(not _can_emulate_user_mode(), reason="needs root and unshare to emulate a non-root trainer")
+def test_user_namespace_mode_holds_for_a_non_root_trainer(world):
+    """The trainer side runs in a user namespace as uid 1000, so the sandbox takes its non-root path
+    (unshare --user --map-root-user, capabilities cleared instead of a uid drop). The fork bomb is
+    left out: this emulation maps to the real root, for which the kernel does not enforce RLIMIT_NPROC."""
+    progs = {k: v for k, v in hostile_programs(world).items() if k != "fork_bomb"}
+    tag = f"g2rpo-userns-{uuid.uuid4().hex[:8]}"
+    job = {"programs": list(progs.values()), "tag": tag, "timeout": LIMIT_S, "probe": PRIVILEGES}
+    start = time.monotonic()
+    child = subprocess.run(["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable, "-c",
+                            USER_MODE_CHILD], input=json.dumps(job), capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    out = json.loads(child.stdout)
+    assert out["mode"] == "namespaces-user"
+    assert out["probe"]["ok"] and out["probe"]["stdout"] == "0000000000000000 1 cba\n", out["probe"]
+    runs = [[RunResult(**r) for r in rs] for rs in out["runs"]]
+    check_outcome(world, list(progs), out["fractions"], runs, tag, time.monotonic() - start)

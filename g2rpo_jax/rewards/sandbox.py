@@ -17,13 +17,15 @@ run gets, in the strongest mode this machine allows (``isolation_mode()``):
   no privilege from setuid binaries, and no fork bomb beyond ``nproc`` processes.
 ``namespaces-user`` (non-root trainer, unprivileged user namespaces allowed): the same namespaces
   and mounts inside ``unshare --user --map-root-user``; instead of a uid drop (there is no other
-  uid) the prelude clears every capability. ``RLIMIT_NPROC`` is not set (it would count all the
-  user's processes). Not exercised by the tests on the development machine, which runs as root.
+  uid) the prelude clears every capability; ``RLIMIT_NPROC`` counts the processes of the run's
+  user namespace (Linux >= 5.14; older kernels count all the user's processes). The tests emulate
+  this mode by starting the trainer side in a user namespace mapped to a non-zero uid.
 ``plain`` (no working ``unshare``, e.g. a container without ``CAP_SYS_ADMIN``, or
   ``G2RPO_SANDBOX=plain``): resource limits, no_new_privs, a cleared environment, a fresh temporary
   directory and the prelude guard only; as root it drops to ``nobody`` when the Python install is
   readable by others, else it keeps uid 0 without capabilities (it can then read and write root's
-  files). Weak: no network or filesystem isolation; prefer a machine where ``unshare`` works.
+  files, and ``RLIMIT_NPROC`` does not bind root). Weak: no network or filesystem isolation;
+  prefer a machine where ``unshare`` works.
 
 In every mode: ``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core files
 (set by the prelude: a ``preexec_fn`` would fork the multithreaded trainer), a wall-clock deadline
@@ -79,7 +81,7 @@ class SandboxLimits:
     output_bytes: int = 4 << 20  # stdout cap; stderr is capped at 64 KiB
     file_bytes: int = 16 << 20  # RLIMIT_FSIZE: largest file the program may write
     tmpfs_mb: int = 64  # size of the private /tmp (namespace modes)
-    nproc: int = 32  # RLIMIT_NPROC for the unprivileged uid (namespaces-root / plain as root)
+    nproc: int = 32  # RLIMIT_NPROC: processes (and threads) the run may have
     guard: bool = True  # the in-process guard (defence in depth)
 
     def validate(self) -> "SandboxLimits":
@@ -123,8 +125,9 @@ def _setup():
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: setuid binaries and file caps stay inert
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    # Counted per user and user namespace (Linux >= 5.14); not enforced for the real root user.
+    resource.setrlimit(resource.RLIMIT_NPROC, (spec["nproc"], spec["nproc"]))
     if spec["uid"] is not None:
-        resource.setrlimit(resource.RLIMIT_NPROC, (spec["nproc"], spec["nproc"]))
         os.setgroups([])
         os.setgid(spec["gid"])
         os.setuid(spec["uid"])  # from root to another uid: all capabilities go

@@ -148,7 +148,7 @@ def _drop_capabilities(ctypes, libc):
         raise OSError(ctypes.get_errno(), "capset")
 
 def _mounts(spec):
-    import ctypes
+    import ctypes, re
     libc = ctypes.CDLL(None, use_errno=True)
     MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
     def mount(src, dst, fstype, flags, data=None):
@@ -163,7 +163,7 @@ def _mounts(spec):
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split() for line in f]
     for fields in mounts:
-        point = fields[4].encode().decode("unicode_escape")
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # "\040" is a space
         flags = MS_REMOUNT | MS_BIND | MS_RDONLY
         for opt in fields[5].split(","):
             flags |= option_flags.get(opt, 0)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, update_guidance
+from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, record_outcomes, update_guidance
 from g2rpo_jax.loss import group_advantages, policy_loss, token_log_probs
 from g2rpo_jax.models import forward
 from g2rpo_jax.rollout import SamplingParams, generate
@@ -59,18 +59,27 @@ def sequence_log_probs(graphdef, params, tokens, positions, attention_mask):
     return token_log_probs(logits, tokens[:, 1:])
 
 
-def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int):
-    """(state, prompt batch repeated G times) -> (state with new rng, Rollout, per-row guide lengths)."""
+def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int,
+                    per_prompt: bool = False):
+    """(state, prompt batch repeated G times, each row's example index) -> (state with new rng,
+    Rollout, per-row guide lengths). `per_prompt` guides only examples marked in the guidance
+    state's per-prompt table."""
 
     @jax.jit
-    def rollout(state: TrainState, prompt_ids, prompt_mask, guide_ids, trace_len):
+    def rollout(state: TrainState, prompt_ids, prompt_mask, guide_ids, trace_len, example_idx):
         rng, key = jax.random.split(state.rng)
-        glen = guide_lengths(state.guidance, trace_len, num_generations)
+        glen = guide_lengths(state.guidance, trace_len, num_generations, example_idx if per_prompt else None)
         out = generate(graphdef, state.params, prompt_ids, prompt_mask, guide_ids, glen, key,
                        sampling=sampling, eos_id=eos_id, pad_id=pad_id)
         return state.replace(rng=rng), out, glen
 
     return rollout
+
+
+def make_record_fn(num_generations: int):
+    """(guidance state, example idx, per-row correctness, guide lengths) -> guidance state with the
+    per-prompt table updated (guidance.per_prompt)."""
+    return jax.jit(functools.partial(record_outcomes, num_generations=num_generations))
 
 
 def group_reward_stats(rewards, num_generations: int) -> dict:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -136,6 +137,10 @@ def test_export_bfloat16_loads_as_float32(tmp_path):
     e = jax.tree.leaves(back.params)[0]
     assert e.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(e), np.asarray(jax.tree.leaves(params)[0], np.float32))
+    b16 = load_pretrained(tmp_path, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(b16.params)} == {jnp.dtype("bfloat16")}
+    logits = b16(IDS)  # bfloat16 compute, float32 logits, close to the float32 forward
+    assert logits.dtype == np.float32 and np.abs(np.asarray(logits) - np.asarray(back(IDS))).max() < 0.1
 
 
 # ---------------------------------------------------------------------------- names and shards

@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,34 +19,7 @@ from g2rpo_jax.models import hf
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-V = 96
-TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
-HF_CLASSES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-              "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
-IDS = np.random.default_rng(0).integers(0, V, size=(2, 11)).astype(np.int32)
-
-
-def _tiny_torch_model(model_type, seed=0, **overrides):
-    """A transformers model with random weights; norms and biases perturbed off their init."""
-    torch.manual_seed(seed)
-    config_cls, model_cls = HF_CLASSES[model_type]
-    kw = {**TINY, **overrides}
-    if "rope_theta" in kw:  # transformers 5 takes RoPE settings as rope_parameters
-        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
-    model = model_cls(config_cls(**kw)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
-
-
-def _torch_logits(model, ids, mask=None):
-    with torch.no_grad():
-        kw = {} if mask is None else {"attention_mask": torch.from_numpy(mask.astype(np.int64))}
-        return model(input_ids=torch.from_numpy(ids.astype(np.int64)), **kw).logits.float().numpy()
+from hf_reference import IDS, TINY, V, tiny_torch_model, torch_logits  # noqa: E402
 
 
 def _max_diff(ours: PretrainedModel, ref: np.ndarray) -> float:
@@ -76,7 +50,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_load_matches_transformers(case, tmp_path):
     model_type, overrides, save_kw = CASES[case]
-    ref_model = _tiny_torch_model(model_type, **overrides)
+    ref_model = tiny_torch_model(model_type, **overrides)
     ref_model.save_pretrained(tmp_path, **save_kw)
     sharded = (tmp_path / "model.safetensors.index.json").exists()
     assert sharded == bool(save_kw)
@@ -85,13 +59,13 @@ def test_load_matches_transformers(case, tmp_path):
     assert ours.config.tie_word_embeddings == overrides["tie_word_embeddings"]
     assert ours.config.rope_theta == overrides.get("rope_theta", 1e4)
     assert ours.tokenizer is None
-    assert _max_diff(ours, _torch_logits(ref_model, IDS)) < 1e-4
+    assert _max_diff(ours, torch_logits(ref_model, IDS)) < 1e-4
 
 
 def test_transformers4_style_config(tmp_path):
     """rope_theta at top level, torch_dtype, no tie_word_embeddings / num_key_value_heads keys
     (transformers' defaults: untied, one KV head per query head)."""
-    ref_model = _tiny_torch_model("qwen2", num_key_value_heads=4, tie_word_embeddings=False,
+    ref_model = tiny_torch_model("qwen2", num_key_value_heads=4, tie_word_embeddings=False,
                                   rope_theta=1e6)
     ref_model.save_pretrained(tmp_path)
 
@@ -105,7 +79,7 @@ def test_transformers4_style_config(tmp_path):
     ours = load_pretrained(tmp_path)
     c = ours.config
     assert (c.rope_theta, c.tie_word_embeddings, c.num_key_value_heads) == (1e6, False, 4)
-    ref = _torch_logits(ref_model, IDS)
+    ref = torch_logits(ref_model, IDS)
     assert _max_diff(ours, ref) < 1e-4
     # RoPE theta matters at these positions: the default theta would give other logits.
     wrong = PretrainedModel(dataclasses.replace(c, rope_theta=1e4), *_rebuild(ours, rope_theta=1e4))
@@ -141,7 +115,7 @@ def test_export_roundtrip(model_type, extra, shard, tmp_path):
     # Left padding in row 1: transformers derives positions from the mask, as our rollouts do.
     mask = np.ones(IDS.shape, bool)
     mask[1, :3] = False
-    ref = _torch_logits(ref_model, IDS, mask)
+    ref = torch_logits(ref_model, IDS, mask)
     pos = np.where(mask, np.cumsum(mask, 1) - 1, 0).astype(np.int32)
     got = np.asarray(hf._jit_forward(graphdef, params, IDS, pos, mask)[0])
     assert np.abs(got[mask] - ref[mask]).max() < 1e-4
@@ -163,6 +137,10 @@ def test_export_bfloat16_loads_as_float32(tmp_path):
     e = jax.tree.leaves(back.params)[0]
     assert e.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(e), np.asarray(jax.tree.leaves(params)[0], np.float32))
+    b16 = load_pretrained(tmp_path, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(b16.params)} == {jnp.dtype("bfloat16")}
+    logits = b16(IDS)  # bfloat16 compute, float32 logits, close to the float32 forward
+    assert logits.dtype == np.float32 and np.abs(np.asarray(logits) - np.asarray(back(IDS))).max() < 0.1
 
 
 # ---------------------------------------------------------------------------- names and shards
@@ -173,7 +151,7 @@ def test_name_table_both_ways():
     assert table["model.layers.1.self_attn.k_norm.weight"] == ("layers", 1, "self_attn", "k_norm", "weight")
     assert table["lm_head.weight"] == ("lm_head", "kernel")
     assert all(hf.hf_name(p) == n for n, p in table.items())
-    ref = _tiny_torch_model("qwen3", tie_word_embeddings=False)
+    ref = tiny_torch_model("qwen3", tie_word_embeddings=False)
     assert set(table) == set(ref.state_dict())
 
 
@@ -230,7 +208,7 @@ def test_bad_paths_clear_errors(tmp_path):
 
 
 def test_mismatched_tensors_clear_errors(tmp_path):
-    _tiny_torch_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path)
+    tiny_torch_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path)
     assert load_pretrained(tmp_path).config.tie_word_embeddings  # the file has no lm_head.weight
     _rewrite_config(tmp_path, lambda d: d.update(tie_word_embeddings=False))
     with pytest.raises(ValueError, match=r"1 tensors are missing \(e.g. lm_head.weight\)"):

@@ -113,9 +113,8 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]],
                 unexpected.append(name)
             continue
         path, var = table[name]
-        a = jnp.asarray(array).astype(dtype)
-        if is_transposed(path):
-            a = a.T
+        a = array.T if is_transposed(path) else array  # a view for numpy input: one copy below
+        a = jnp.asarray(a, dtype=dtype)
         if a.shape != var.get_value().shape:
             want = var.get_value().shape[::-1] if is_transposed(path) else var.get_value().shape
             raise ValueError(f"{source}: tensor {name} has shape {tuple(np.shape(array))}, the config "

@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from g2rpo_jax.rewards.code import code_reward
 from g2rpo_jax.rewards.embedded import accuracy_reward, extract_final_answer, format_reward
 from g2rpo_jax.rewards.math import math_accuracy_reward, think_format_reward
 from g2rpo_jax.rewards.pool import ScoringPool
@@ -17,6 +18,7 @@ REWARD_FUNCS: dict[str, RewardFn] = {
     "format": format_reward,
     "math_accuracy": math_accuracy_reward,
     "think_format": think_format_reward,
+    "code": code_reward,  # pass fraction of the problem's tests (answers: rewards/code.py's tests JSON)
 }
 
 
@@ -54,6 +56,7 @@ def combine_rewards(per_func: np.ndarray, weights: Sequence[float] | None) -> np
 __all__ = [
     "REWARD_FUNCS",
     "accuracy_reward",
+    "code_reward",
     "combine_rewards",
     "extract_final_answer",
     "format_reward",

@@ -86,6 +86,32 @@ def token_log_probs(logits, targets):
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def chunk_length(rows: int, positions: int, vocab: int, max_elements: int) -> int:
+    """Sequence positions per chunk so that one ``[rows, chunk, vocab]`` logits block holds at most
+    ``max_elements`` (at least one position), balanced so the last chunk is not mostly padding."""
+    widest = max(1, max_elements // max(1, rows * vocab))
+    n_chunks = -(-positions // widest)
+    return -(-positions // n_chunks)
+
+
+def chunked_token_log_probs(logits_fn, hidden, targets, chunk: int):
+    """``token_log_probs(logits_fn(hidden), targets)`` computed ``chunk`` sequence positions at a time.
+
+    ``hidden`` [B, T, H], ``targets`` [B, T] -> float32 [B, T]. Each chunk's logits are rebuilt in the
+    backward pass (``jax.checkpoint``), so neither pass ever holds the whole [B, T, V] logits: the
+    price is one extra LM-head forward per chunk in the backward.
+    """
+    B, T = targets.shape
+    chunk = max(1, min(int(chunk), T))
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, hidden.shape[-1]).swapaxes(0, 1)
+    t = jnp.pad(jnp.asarray(targets, jnp.int32), ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
+    one = jax.checkpoint(lambda ht: token_log_probs(logits_fn(ht[0]), ht[1]))
+    out = jax.lax.map(one, (h, t))  # [n, B, chunk]
+    return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+
+
 def kl_penalty(logp, ref_logp, estimator: str = "k3"):
     """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs.
 

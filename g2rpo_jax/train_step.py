@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, update_guidance
-from g2rpo_jax.loss import group_advantages, policy_loss, token_log_probs
-from g2rpo_jax.models import forward
+from g2rpo_jax.loss import chunk_length, chunked_token_log_probs, group_advantages, policy_loss
+from g2rpo_jax.models import forward, get_config, lm_head_logits
 from g2rpo_jax.rollout import SamplingParams, generate
 
 
@@ -53,10 +53,24 @@ def make_optimizer(schedule: optax.Schedule, *, adam_beta1=0.9, adam_beta2=0.999
     return optax.chain(*parts)
 
 
-def sequence_log_probs(graphdef, params, tokens, positions, attention_mask):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [B, T-1]."""
-    logits, _ = forward(graphdef, params, tokens[:, :-1], positions[:, :-1], attention_mask[:, :-1])
-    return token_log_probs(logits, tokens[:, 1:])
+# Largest logits block (elements) the chunked log-probs hold at once: 256 MB of float32.
+LOGITS_CHUNK_ELEMENTS = 1 << 26
+
+
+def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, window: int | None = None,
+                       chunk_elements: int = LOGITS_CHUNK_ELEMENTS):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for the last ``window`` t (default every t): [B, window].
+
+    The decoder runs over all T-1 input positions, the LM head only over the window, chunk by
+    chunk (`chunked_token_log_probs`), so the [B, T, V] logits never exist whole.
+    """
+    hidden, _ = forward(graphdef, params, tokens[:, :-1], positions[:, :-1], attention_mask[:, :-1],
+                        return_hidden=True)
+    T = hidden.shape[1]
+    window = T if window is None else min(int(window), T)
+    hidden, targets = hidden[:, T - window:], tokens[:, T - window + 1:]
+    chunk = chunk_length(hidden.shape[0], window, get_config(graphdef, params).vocab_size, chunk_elements)
+    return chunked_token_log_probs(lambda h: lm_head_logits(graphdef, params, h), hidden, targets, chunk)
 
 
 def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int):
@@ -89,19 +103,25 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
                    guidance_cfg: GuidanceConfig, max_completion_length: int):
     """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit."""
     beta = loss_kwargs.get("beta", 0.0)
+    # Completion tokens (guidance prefix + generated) only ever occupy the last
+    # max_completion_length slots of a rollout row (rollout.py's right-aligned layout), so the
+    # LM head runs on those positions only; earlier positions would be masked out of the loss anyway.
+    window = max_completion_length
 
     def loss_fn(params, batch, adv, old_logp, ref_logp):
-        logp = sequence_log_probs(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"])
+        logp = sequence_log_probs(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"],
+                                  window)
         old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
-        loss, aux = policy_loss(logp, old, ref_logp, adv, batch["completion_mask"][:, 1:],
-                                batch["guidance_mask"][:, 1:], max_completion_length=max_completion_length,
+        w = logp.shape[1]
+        loss, aux = policy_loss(logp, old, ref_logp, adv, batch["completion_mask"][:, -w:],
+                                batch["guidance_mask"][:, -w:], max_completion_length=max_completion_length,
                                 **loss_kwargs)
         return loss, aux
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def update(state: TrainState, batch: dict, rewards, signal):
         adv = group_advantages(rewards, num_generations, scale_rewards)
-        seq = (batch["tokens"], batch["positions"], batch["attention_mask"])
+        seq = (batch["tokens"], batch["positions"], batch["attention_mask"], window)
         ref_logp = jax.lax.stop_gradient(sequence_log_probs(graphdef, state.ref_params, *seq)) if beta > 0 else None
         # With one update per batch the old policy is the current one (stop_gradient inside the loss).
         old_logp = None if num_iterations == 1 else jax.lax.stop_gradient(sequence_log_probs(graphdef, state.params, *seq))

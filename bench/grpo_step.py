@@ -111,7 +111,7 @@ def run(w: wl.Workload, warmup: int, steps: int, peak_size: int = 2048) -> str:
     trace_len = np.zeros((rows,), np.int32)
 
     def one_step(state):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state, ro, _ = rollout_fn(state, prompt_ids, prompt_mask, guide_ids, trace_len)
         jax.block_until_ready(ro.tokens)
         t_gen = time.perf_counter() - t0
@@ -120,22 +120,23 @@ def run(w: wl.Workload, warmup: int, steps: int, peak_size: int = 2048) -> str:
         batch = {k: getattr(ro, k) for k in BATCH_KEYS}
         state, metrics = update_fn(state, batch, jnp.asarray(rewards), jnp.float32(rewards.mean()))
         jax.block_until_ready(metrics)
-        return state, time.perf_counter() - t0, t_gen, ro
+        return state, time.perf_counter() - t0, t_gen, ro, time.process_time() - c0
 
     t0 = time.perf_counter()
     for _ in range(warmup):
-        state, _, _, ro = one_step(state)
+        state, _, _, ro, _ = one_step(state)
     compile_sec = time.perf_counter() - t0
     if int(np.asarray(ro.num_generated).min()) != w.new_tokens:
         raise RuntimeError("every completion must have exactly new_tokens tokens (EOS stopping is disabled)")
     compiles_before = counter.count
-    step_times, gen_times = [], []
+    step_times, gen_times, cpu_times = [], [], []
     for _ in range(steps):
-        state, dt, dg, _ = one_step(state)
+        state, dt, dg, _, dc = one_step(state)
         step_times.append(dt)
         gen_times.append(dg)
+        cpu_times.append(dc)
     return wl.result_line("g2rpo_jax", w, step_times=step_times, gen_times=gen_times, compile_sec=compile_sec,
-                          peak=peak, compiles_after_warmup=counter.count - compiles_before,
+                          peak=peak, compiles_after_warmup=counter.count - compiles_before, cpu_times=cpu_times,
                           extra={"warmup_steps": warmup, "xla_compile_sec": counter.seconds,
                                  "jax": jax.__version__, "device": jax.devices()[0].device_kind})
 

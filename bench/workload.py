@@ -135,7 +135,7 @@ def median(xs):
 
 
 def result_line(system: str, w: Workload, *, step_times, gen_times, compile_sec, peak, compiles_after_warmup,
-                extra: dict | None = None) -> str:
+                cpu_times=(), extra: dict | None = None) -> str:
     """The one JSON line every benchmark prints (fields that do not apply are left out)."""
     flops = step_flops(w)
     out = {"system": system, "workload": w.name, "steps_timed": len(step_times)}
@@ -146,6 +146,8 @@ def result_line(system: str, w: Workload, *, step_times, gen_times, compile_sec,
         g = sum(gen_times) / len(gen_times)
         out["gen_sec_per_step"] = g
         out["gen_tokens_per_sec"] = w.batch_rows * w.new_tokens / g
+    if cpu_times:  # process CPU seconds (all threads) per timed step: fairer than wall on a loaded machine
+        out["cpu_sec_per_step"] = sum(cpu_times) / len(cpu_times)
     out["model_flops_per_step"] = flops["total"] if step_times else flops["generation"]
     out["flops_breakdown"] = flops
     out["matmul_peak_flops_per_sec"] = peak

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, update_guidance
-from g2rpo_jax.loss import chunk_length, chunked_token_log_probs, group_advantages, policy_loss
-from g2rpo_jax.models import forward, get_config, lm_head_logits
+from g2rpo_jax.loss import group_advantages, head_log_probs, policy_loss, vocab_block
+from g2rpo_jax.models import forward, lm_head_weight
 from g2rpo_jax.rollout import SamplingParams, generate
 
 
@@ -53,24 +53,21 @@ def make_optimizer(schedule: optax.Schedule, *, adam_beta1=0.9, adam_beta2=0.999
     return optax.chain(*parts)
 
 
-# Largest logits block (elements) the chunked log-probs hold at once: 256 MB of float32.
-LOGITS_CHUNK_ELEMENTS = 1 << 26
-
-
-def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, window: int | None = None,
-                       chunk_elements: int = LOGITS_CHUNK_ELEMENTS):
+def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, window: int | None = None):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for the last ``window`` t (default every t): [B, window].
 
-    The decoder runs over all T-1 input positions, the LM head only over the window, chunk by
-    chunk (`chunked_token_log_probs`), so the [B, T, V] logits never exist whole.
+    The decoder runs over all T-1 input positions, the LM head only over the window, vocabulary
+    block by vocabulary block (`head_log_probs`), so the [B, T, V] logits never exist.
     """
     hidden, _ = forward(graphdef, params, tokens[:, :-1], positions[:, :-1], attention_mask[:, :-1],
                         return_hidden=True)
-    T = hidden.shape[1]
+    B, T, H = hidden.shape
     window = T if window is None else min(int(window), T)
-    hidden, targets = hidden[:, T - window:], tokens[:, T - window + 1:]
-    chunk = chunk_length(hidden.shape[0], window, get_config(graphdef, params).vocab_size, chunk_elements)
-    return chunked_token_log_probs(lambda h: lm_head_logits(graphdef, params, h), hidden, targets, chunk)
+    hidden = hidden[:, T - window:].reshape(B * window, H)
+    targets = tokens[:, T - window + 1:].reshape(B * window).astype(jnp.int32)
+    weight = lm_head_weight(graphdef, params)
+    hidden = hidden.astype(weight.dtype)
+    return head_log_probs(hidden, weight, targets, vocab_block(B * window, weight.shape[0])).reshape(B, window)
 
 
 def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int):

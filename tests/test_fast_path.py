@@ -1,5 +1,8 @@
-"""The fast path: chunked log-probs equal the whole-logits ones, the windowed update equals a
-hand-wired unchunked GRPO loss, and the inverse-CDF sampler draws from softmax(logits)."""
+"""The fast path: vocabulary-blocked log-probs equal the whole-logits ones (values and gradients),
+the windowed update equals a hand-wired whole-logits GRPO loss, and the inverse-CDF sampler draws
+from softmax(logits)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +10,8 @@ import numpy as np
 import optax
 
 from g2rpo_jax.guidance import GuidanceConfig, init_guidance_state
-from g2rpo_jax.loss import chunk_length, chunked_token_log_probs, group_advantages, policy_loss, token_log_probs
-from g2rpo_jax.models import ModelConfig, forward, init_model
+from g2rpo_jax.loss import group_advantages, head_log_probs, policy_loss, token_log_probs, vocab_block
+from g2rpo_jax.models import ModelConfig, forward, init_model, lm_head_logits, lm_head_weight
 from g2rpo_jax.rollout import categorical_inverse_cdf
 from g2rpo_jax.train_step import TrainState, make_optimizer, make_update_fn, sequence_log_probs
 
@@ -32,35 +35,48 @@ def _full_log_probs(g, params, tokens, positions, mask):
     return token_log_probs(logits, tokens[:, 1:])
 
 
-def test_chunk_length():
-    assert chunk_length(rows=2, positions=10, vocab=5, max_elements=40) == 4  # 4 per chunk max -> 3 chunks
-    assert chunk_length(rows=2, positions=10, vocab=5, max_elements=1) == 1
-    assert chunk_length(rows=2, positions=10, vocab=5, max_elements=10**6) == 10
+def test_vocab_block():
+    assert vocab_block(rows=100, vocab=151646, tile_elements=1 << 20) == 10485
+    assert vocab_block(rows=10**6, vocab=151646) == 128  # never below the minimum
+    assert vocab_block(rows=1, vocab=50) == 50  # never above the vocabulary
 
 
-def test_chunked_log_probs_equal_whole_logits_values_and_grads():
+def test_head_log_probs_equal_whole_logits_values_and_grads():
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(13, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(V, 8)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, V, 13), jnp.int32)
+    t = t.at[0].set(V - 1)  # a target in the last, padded block
+    g = jnp.asarray(rng.normal(size=13), jnp.float32)
+
+    def whole(h, w):
+        return jnp.sum(g * token_log_probs(h @ w.T, t))
+
+    for block in (7, 16, V):  # 8 blocks with padding, 4 blocks, a single block
+        def blocked(h, w):
+            return jnp.sum(g * head_log_probs(h, w, t, block))
+
+        np.testing.assert_allclose(head_log_probs(h, w, t, block), token_log_probs(h @ w.T, t), rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.grad(whole, (0, 1))(h, w), jax.grad(blocked, (0, 1))(h, w)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_log_probs_equal_whole_logits_with_window():
     g, params = init_model(CFG, 0)
     seq = _seq()
-    weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, S - 1)), jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, 3)), jnp.float32)
 
     def whole(p):
-        return jnp.sum(_full_log_probs(g, p, *seq) * weights)
+        return jnp.sum(_full_log_probs(g, p, *seq)[:, -3:] * weights)
 
-    def chunked(p):  # 3 positions per chunk: 8 positions -> 3 chunks, the last one padded
-        return jnp.sum(sequence_log_probs(g, p, *seq, chunk_elements=3 * B * V) * weights)
+    def windowed(p):
+        return jnp.sum(sequence_log_probs(g, p, *seq, window=3) * weights)
 
-    (v1, g1), (v2, g2) = jax.value_and_grad(whole)(params), jax.value_and_grad(chunked)(params)
+    (v1, g1), (v2, g2) = jax.value_and_grad(whole)(params), jax.value_and_grad(windowed)(params)
     np.testing.assert_allclose(v2, v1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-    # A window keeps the last positions only, with the same values.
-    tail = sequence_log_probs(g, params, *seq, window=3, chunk_elements=2 * B * V)
-    np.testing.assert_allclose(tail, _full_log_probs(g, params, *seq)[:, -3:], rtol=1e-5)
-    # The chunk helper itself on a plain matrix head.
-    h = jnp.asarray(np.random.default_rng(2).normal(size=(B, 7, 16)), jnp.float32)
-    w = jnp.asarray(np.random.default_rng(3).normal(size=(16, V)), jnp.float32)
-    t = jnp.asarray(np.random.default_rng(4).integers(0, V, (B, 7)), jnp.int32)
-    np.testing.assert_allclose(chunked_token_log_probs(lambda x: x @ w, h, t, 2), token_log_probs(h @ w, t), rtol=1e-5)
+    np.testing.assert_allclose(sequence_log_probs(g, params, *seq), _full_log_probs(g, params, *seq), rtol=1e-5)
 
 
 def test_update_loss_matches_unchunked_reference():
@@ -114,3 +130,10 @@ def test_inverse_cdf_sampler_draws_softmax():
     one_hot = np.full((3, vocab), -1e30, np.float32)
     one_hot[np.arange(3), [0, 511, vocab - 1]] = 0.0
     np.testing.assert_array_equal(categorical_inverse_cdf(jax.random.key(9), jnp.asarray(one_hot)), [0, 511, vocab - 1])
+
+
+def test_lm_head_weight_tied_and_untied():
+    h = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16)), jnp.float32)
+    for tied in (True, False):
+        g, params = init_model(dataclasses.replace(CFG, tie_word_embeddings=tied), 0)
+        np.testing.assert_allclose(h @ lm_head_weight(g, params).T, lm_head_logits(g, params, h), rtol=1e-5, atol=1e-6)

@@ -43,19 +43,20 @@ def main(argv=None):
     gen = GenerationConfig(max_new_tokens=w.new_tokens, min_new_tokens=w.new_tokens, do_sample=True,
                            temperature=w.temperature, top_k=0, top_p=1.0, eos_token_id=None,
                            pad_token_id=wl.PAD_ID, use_cache=True)
-    times = []
+    times, cpu_times = [], []
     with torch.inference_mode():
         for _ in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
             if out.shape != (w.batch_rows, w.prompt_tokens + w.new_tokens):
                 raise RuntimeError(f"generate returned {tuple(out.shape)}")
             texts = tok.batch_decode(out[:, ids.shape[1]:])
             rewards = [wl.letter_fraction(t) for t in texts]  # scored as in a GRPO step
     print(wl.result_line("transformers.generate", w, step_times=[], gen_times=times[args.warmup:],
                          compile_sec=sum(times[:args.warmup]), peak=peak, compiles_after_warmup=None,
-                         extra={"warmup_steps": args.warmup, "transformers": transformers.__version__,
+                         cpu_times=cpu_times[args.warmup:], extra={"warmup_steps": args.warmup, "transformers": transformers.__version__,
                                 "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                                 "mean_reward": sum(rewards) / len(rewards)}), flush=True)
 

@@ -42,13 +42,15 @@ def main(argv=None):
     peak = common_torch.matmul_peak()
     gen_times: list[float] = []
     step_times: list[float] = []
+    cpu_times: list[float] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             step_times.append(time.perf_counter() - self.t0)
+            cpu_times.append(time.process_time() - self.c0)
 
     def letters(completions, **kwargs):
         return [wl.letter_fraction(c) for c in completions]
@@ -85,7 +87,7 @@ def main(argv=None):
     warm = args.warmup
     print(wl.result_line("trl", w, step_times=step_times[warm:], gen_times=gen_times[warm:],
                          compile_sec=sum(step_times[:warm]), peak=peak, compiles_after_warmup=None,
-                         extra={"warmup_steps": warm, "train_sec_total": total, "trl": trl.__version__,
+                         cpu_times=cpu_times[warm:], extra={"warmup_steps": warm, "train_sec_total": total, "trl": trl.__version__,
                                 "transformers": transformers.__version__, "torch": torch.__version__,
                                 "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}),
           flush=True)

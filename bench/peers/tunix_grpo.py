@@ -83,7 +83,7 @@ def main(argv=None):
             eos_tokens=[w.vocab_size + 1]),
     )
     cluster = rlc.RLCluster(actor=actor, reference=reference, tokenizer=tok, cluster_config=cluster_config)
-    gen_times, update_ends = [], []
+    gen_times, update_ends, update_cpu = [], [], []
     generate, update = cluster.generate, cluster.update_actor
 
     def timed_generate(*a, **k):
@@ -97,6 +97,7 @@ def main(argv=None):
         out = update(*a, **k)
         jax.block_until_ready(nnx.state(actor, nnx.Param))
         update_ends.append(time.perf_counter())
+        update_cpu.append(time.process_time())
         return out
 
     cluster.generate, cluster.update_actor = timed_generate, timed_update
@@ -107,14 +108,15 @@ def main(argv=None):
     # numpy arrays: Tunix repeats each batch leaf G times with np.repeat (a list would split).
     batches = [{"prompts": np.asarray(w.prompts()), "answer": np.asarray([""] * w.num_prompts)}
                for _ in range(max_steps)]
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     learner.train(batches)
-    ends = [t_start] + update_ends
+    ends, cpu_ends = [t_start] + update_ends, [c_start] + update_cpu
     step_times = [b - a for a, b in zip(ends[:-1], ends[1:])]
+    cpu_times = [b - a for a, b in zip(cpu_ends[:-1], cpu_ends[1:])]
     warm = args.warmup
     print(wl.result_line("tunix", w, step_times=step_times[warm:], gen_times=gen_times[warm:],
                          compile_sec=sum(step_times[:warm]), peak=peak, compiles_after_warmup=None,
-                         extra={"warmup_steps": warm, "tunix": getattr(tunix, "__version__", "0.1.7"),
+                         cpu_times=cpu_times[warm:], extra={"warmup_steps": warm, "tunix": getattr(tunix, "__version__", "0.1.7"),
                                 "jax": jax.__version__, "generate_calls": len(gen_times),
                                 "update_calls": len(update_ends)}), flush=True)
 

@@ -10,6 +10,7 @@ from g2rpo_jax.models.transformer import (
     init_cache,
     init_model,
     lm_head_logits,
+    lm_head_weight,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "init_cache",
     "init_model",
     "lm_head_logits",
+    "lm_head_weight",
 ]

@@ -56,15 +56,17 @@ def main():
     seq = (batch["tokens"], batch["positions"], batch["attention_mask"], w.new_tokens)
     out["logp_forward"] = timed(jax.jit(lambda p: sequence_log_probs(gd, p, *seq)), params)
     out["logp_grad"] = timed(jax.jit(jax.grad(lambda p: jnp.sum(sequence_log_probs(gd, p, *seq)))), params)
-    logits = jax.random.normal(jax.random.PRNGKey(0), (B, w.new_tokens, w.vocab_size))
-    tg = jnp.zeros((B, w.new_tokens), jnp.int32)
-    out["logsumexp_BTV"] = timed(jax.jit(token_log_probs), logits, tg)
+    # Per-token costs on 4 positions (a [B, N, V] array would not fit beside the other agents).
+    logits = jax.random.normal(jax.random.PRNGKey(0), (B, 4, w.vocab_size))
+    out["logsumexp_B4V"] = timed(jax.jit(token_log_probs), logits, jnp.zeros((B, 4), jnp.int32))
     emb = params["embed_tokens"]["embedding"][...]
-    h = jax.random.normal(jax.random.PRNGKey(1), (B * w.new_tokens, w.hidden_size))
-    out["head_matmul_BTV"] = timed(jax.jit(lambda h, e: h @ e.T), h, emb)
-    out["head_matmul_BV"] = timed(jax.jit(lambda h, e: h @ e.T), h[:B], emb)
-    out["sample_BV"] = timed(jax.jit(lambda x: sample_token(x, jax.random.PRNGKey(0), SamplingParams(1, 1.0))), logits[:, 0])
-    out["head_flops_BTV"] = 2 * B * w.new_tokens * w.hidden_size * w.vocab_size
+    h = jax.random.normal(jax.random.PRNGKey(1), (B * 4, w.hidden_size))
+    out["head_matmul_B4V"] = timed(jax.jit(lambda h, e: h @ e.T), h, emb)
+    out["head_matmul_BV_decode"] = timed(jax.jit(lambda h, e: h @ e.T), h[:B], emb)
+    out["sample_BV"] = timed(jax.jit(lambda x: sample_token(x, jax.random.PRNGKey(0), SamplingParams(1, 1.0))),
+                             logits[:, 0])
+    out["gumbel_sample_BV"] = timed(jax.jit(lambda x: jax.random.categorical(jax.random.PRNGKey(0), x)), logits[:, 0])
+    out["head_flops_B4V"] = 2 * B * 4 * w.hidden_size * w.vocab_size
     print(json.dumps(out))
 
 

@@ -2,7 +2,7 @@
 # Ours and every peer, back to back, on W1 and W2; JSON lines appended to $OUT (one per run).
 # Usage: bash bench/run_all.sh [OUT] [REPEATS]   (after bash bench/peers/setup.sh)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${1:-bench/.cache/results.jsonl}
 REPEATS=${2:-1}
 PROJECT_PY=${PROJECT_PY:-/work/venv/bin/python}
@@ -13,7 +13,7 @@ run() {  # label, command...
     echo "== $label: $* (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
     "$@" 2> "bench/.cache/$label.err" | tail -n 1 >> "$OUT" || echo "$label failed: see bench/.cache/$label.err" >&2
 }
-for r in $(seq "$REPEATS"); do
+for _ in $(seq "$REPEATS"); do
     for W in W1 W2; do
         steps=3; [ "$W" = W2 ] && steps=2
         run "ours-$W" "$PROJECT_PY" bench/grpo_step.py --workload "$W" --warmup 1 --steps "$steps"

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 from workload import median
 
-COLUMNS = [("sec_per_step", "s/step", "{:.2f}"), ("floor_sec_per_step", "floor s", "{:.2f}"),
+COLUMNS = [("sec_per_step", "s/step", "{:.2f}"), ("cpu_sec_per_step", "CPU s/step", "{:.2f}"), ("floor_sec_per_step", "floor s", "{:.2f}"),
            ("floor_ratio", "x floor", "{:.1f}"), ("gen_sec_per_step", "gen s", "{:.2f}"),
            ("gen_floor_ratio", "gen x floor", "{:.1f}"), ("gen_tokens_per_sec", "gen tok/s", "{:.0f}"),
            ("matmul_peak_flops_per_sec", "peak GFLOP/s", "{:.0f}"), ("compile_sec", "warm-up s", "{:.1f}"),
@@ -31,7 +31,7 @@ def main(path: str) -> None:
     for (w, s), rs in sorted(rows.items()):
         cells = []
         for key, _, fmt in COLUMNS:
-            vals = [r[key] for r in rs if key in r]
+            vals = [r[key] / 1e9 if key == "matmul_peak_flops_per_sec" else r[key] for r in rs if key in r]
             cells.append(fmt.format(median(vals) if key != "compiles_after_warmup" else max(vals)) if vals else "-")
         if s == "g2rpo_jax":
             ours[w] = {k: median([r[k] for r in rs]) for k in ("sec_per_step", "gen_sec_per_step")}

@@ -2,7 +2,7 @@
 # Create one virtual environment per peer under bench/.venvs/ (gitignored) and the shared
 # contract tokenizer under bench/.cache/. Usage: bash bench/peers/setup.sh [trl] [hf] [tunix]
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 PY=${PYTHON:-python3}
 PROJECT_PY=${PROJECT_PY:-/work/venv/bin/python}
 peers=("$@")

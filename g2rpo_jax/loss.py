@@ -28,6 +28,7 @@ Aggregation (`loss_type`) over the effective mask:
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -84,6 +85,77 @@ def token_log_probs(logits, targets):
     logits = jnp.asarray(logits).astype(jnp.float32)
     picked = jnp.take_along_axis(logits, jnp.asarray(targets)[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+# Logit tile (elements) of the vocabulary-blocked log-probs: [rows, block] stays in the CPU cache.
+HEAD_TILE_ELEMENTS = 1 << 20
+
+
+def vocab_block(rows: int, vocab: int, tile_elements: int = HEAD_TILE_ELEMENTS, minimum: int = 128) -> int:
+    """Vocabulary rows per block so that a ``[rows, block]`` logit tile holds about ``tile_elements``."""
+    return int(min(vocab, max(minimum, tile_elements // max(1, rows))))
+
+
+def _weight_blocks(weight, block: int):
+    V, H = weight.shape
+    nb = -(-V // block)
+    return jnp.pad(weight, ((0, nb * block - V), (0, 0))).reshape(nb, block, H), jnp.arange(nb, dtype=jnp.int32)
+
+
+def _block_logits(hidden, w, b, block: int, vocab: int):
+    """float32 logits of one vocabulary block, [N, block], and the vocabulary ids of its columns."""
+    ids = b * block + jnp.arange(block, dtype=jnp.int32)
+    s = jnp.dot(hidden, w.T, preferred_element_type=jnp.float32)
+    return jnp.where(ids[None, :] < vocab, s, -jnp.inf), ids
+
+
+def _head_log_probs_fwd(hidden, weight, targets, block):
+    V = weight.shape[0]
+    N = hidden.shape[0]
+
+    def step(carry, xs):  # online logsumexp over vocabulary blocks, plus the target's logit
+        m, l, picked = carry
+        s, ids = _block_logits(hidden, *xs, block, V)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
+        picked = picked + jnp.sum(jnp.where(ids[None, :] == targets[:, None], s, 0.0), axis=1)
+        return (m_new, l, picked), None
+
+    init = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32))
+    (m, l, picked), _ = jax.lax.scan(step, init, _weight_blocks(weight, block))
+    lse = m + jnp.log(l)
+    return picked - lse, (hidden, weight, targets, lse)
+
+
+def _head_log_probs_bwd(block, res, g):
+    hidden, weight, targets, lse = res
+    V, H = weight.shape
+    g = g.astype(jnp.float32)
+
+    def step(dh, xs):  # rebuild the block's softmax; d logp / d logits = onehot(target) - softmax
+        w = xs[0]
+        s, ids = _block_logits(hidden, *xs, block, V)
+        ds = g[:, None] * ((ids[None, :] == targets[:, None]).astype(jnp.float32) - jnp.exp(s - lse[:, None]))
+        dh = dh + jnp.dot(ds, w.astype(jnp.float32))
+        return dh, jnp.dot(ds.T, hidden.astype(jnp.float32))
+
+    dh, dw = jax.lax.scan(step, jnp.zeros(hidden.shape, jnp.float32), _weight_blocks(weight, block))
+    return dh.astype(hidden.dtype), dw.reshape(-1, H)[:V].astype(weight.dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def head_log_probs(hidden, weight, targets, block: int):
+    """``log softmax(hidden @ weight.T)[targets]`` without ever holding the ``[N, V]`` logits.
+
+    ``hidden`` [N, H], ``weight`` [V, H] (the LM head / tied embedding), ``targets`` [N] -> float32
+    [N]. A scan over vocabulary blocks of ``block`` rows keeps an online logsumexp; the backward
+    rebuilds each block's softmax (one extra head matmul) and returns both gradients. Every logit
+    tile is ``[N, block]``, small enough to stay in cache, so the softmax costs no memory traffic.
+    """
+    return _head_log_probs_fwd(hidden, weight, targets, block)[0]
+
+
+head_log_probs.defvjp(_head_log_probs_fwd, _head_log_probs_bwd)
 
 
 def kl_penalty(logp, ref_logp, estimator: str = "k3"):

@@ -75,7 +75,44 @@ def sample_token(logits, key, sampling: SamplingParams):
         keep = keep.at[:, 0].set(True)
         thresh = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < thresh, _NEG, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return categorical_inverse_cdf(key, logits)
+
+
+# Vocabulary block width of the two-level inverse-CDF search (about sqrt(V) for Qwen's 151k).
+_CDF_BLOCK = 512
+
+
+def _first_above(cum, target, weights):
+    """Index of the first entry with ``cum > target`` along the last axis; when float rounding
+    leaves none, the last entry of positive weight (never a zero-probability one)."""
+    n = cum.shape[-1]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    first = jnp.min(jnp.where(cum > target[..., None], idx, n), axis=-1)
+    last_positive = jnp.max(jnp.where(weights > 0, idx, -1), axis=-1)
+    return jnp.where(first < n, first, last_positive)
+
+
+def categorical_inverse_cdf(key, logits):
+    """One exact draw per row from softmax(logits) ``[B, V]`` by inverse-CDF search -> int32 ``[B]``.
+
+    Needs one uniform number per row instead of the V Gumbel numbers of
+    ``jax.random.categorical``: over a 151k vocabulary the random bits, not the LM head, were the
+    cost of a decode step on CPU. The search is two-level (block masses, then one block) so the
+    float32 cumulative sums run over at most ``_CDF_BLOCK`` and ``V / _CDF_BLOCK`` terms.
+    """
+    B, V = logits.shape
+    nb = -(-V // _CDF_BLOCK)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.pad(weights, ((0, 0), (0, nb * _CDF_BLOCK - V))).reshape(B, nb, _CDF_BLOCK)
+    block_mass = jnp.sum(weights, axis=-1)  # [B, nb]
+    block_cum = jnp.cumsum(block_mass, axis=-1)
+    target = jax.random.uniform(key, (B,), jnp.float32) * block_cum[:, -1]
+    blk = _first_above(block_cum, target, block_mass)
+    rows = jnp.arange(B)
+    target = target - (block_cum[rows, blk] - block_mass[rows, blk])
+    within = weights[rows, blk]  # [B, block]
+    pos = _first_above(jnp.cumsum(within, axis=-1), target, within)
+    return (blk * _CDF_BLOCK + pos).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------- context building

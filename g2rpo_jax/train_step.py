@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, record_outcomes, update_guidance
-from g2rpo_jax.loss import group_advantages, policy_loss, token_log_probs
-from g2rpo_jax.models import forward
+from g2rpo_jax.loss import group_advantages, head_log_probs, policy_loss, vocab_block
+from g2rpo_jax.models import forward, lm_head_weight
 from g2rpo_jax.rollout import SamplingParams, generate
 
 
@@ -53,10 +53,21 @@ def make_optimizer(schedule: optax.Schedule, *, adam_beta1=0.9, adam_beta2=0.999
     return optax.chain(*parts)
 
 
-def sequence_log_probs(graphdef, params, tokens, positions, attention_mask):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [B, T-1]."""
-    logits, _ = forward(graphdef, params, tokens[:, :-1], positions[:, :-1], attention_mask[:, :-1])
-    return token_log_probs(logits, tokens[:, 1:])
+def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, window: int | None = None):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for the last ``window`` t (default every t): [B, window].
+
+    The decoder runs over all T-1 input positions, the LM head only over the window, vocabulary
+    block by vocabulary block (`head_log_probs`), so the [B, T, V] logits never exist.
+    """
+    hidden, _ = forward(graphdef, params, tokens[:, :-1], positions[:, :-1], attention_mask[:, :-1],
+                        return_hidden=True)
+    B, T, H = hidden.shape
+    window = T if window is None else min(int(window), T)
+    hidden = hidden[:, T - window:].reshape(B * window, H)
+    targets = tokens[:, T - window + 1:].reshape(B * window).astype(jnp.int32)
+    weight = lm_head_weight(graphdef, params)
+    hidden = hidden.astype(weight.dtype)
+    return head_log_probs(hidden, weight, targets, vocab_block(B * window, weight.shape[0])).reshape(B, window)
 
 
 def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int,
@@ -98,19 +109,25 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
                    guidance_cfg: GuidanceConfig, max_completion_length: int):
     """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit."""
     beta = loss_kwargs.get("beta", 0.0)
+    # Completion tokens (guidance prefix + generated) only ever occupy the last
+    # max_completion_length slots of a rollout row (rollout.py's right-aligned layout), so the
+    # LM head runs on those positions only; earlier positions would be masked out of the loss anyway.
+    window = max_completion_length
 
     def loss_fn(params, batch, adv, old_logp, ref_logp):
-        logp = sequence_log_probs(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"])
+        logp = sequence_log_probs(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"],
+                                  window)
         old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
-        loss, aux = policy_loss(logp, old, ref_logp, adv, batch["completion_mask"][:, 1:],
-                                batch["guidance_mask"][:, 1:], max_completion_length=max_completion_length,
+        w = logp.shape[1]
+        loss, aux = policy_loss(logp, old, ref_logp, adv, batch["completion_mask"][:, -w:],
+                                batch["guidance_mask"][:, -w:], max_completion_length=max_completion_length,
                                 **loss_kwargs)
         return loss, aux
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def update(state: TrainState, batch: dict, rewards, signal):
         adv = group_advantages(rewards, num_generations, scale_rewards)
-        seq = (batch["tokens"], batch["positions"], batch["attention_mask"])
+        seq = (batch["tokens"], batch["positions"], batch["attention_mask"], window)
         ref_logp = jax.lax.stop_gradient(sequence_log_probs(graphdef, state.ref_params, *seq)) if beta > 0 else None
         # With one update per batch the old policy is the current one (stop_gradient inside the loss).
         old_logp = None if num_iterations == 1 else jax.lax.stop_gradient(sequence_log_probs(graphdef, state.params, *seq))

@@ -12,6 +12,7 @@ from g2rpo_jax.models.transformer import (
     init_cache,
     init_model,
     lm_head_logits,
+    lm_head_weight,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "init_cache",
     "init_model",
     "lm_head_logits",
+    "lm_head_weight",
     "load_gguf",
     "load_pretrained",
     "save_pretrained",

@@ -273,5 +273,15 @@ def lm_head_logits(graphdef, params, hidden):
     return nnx.merge(graphdef, params).logits(hidden)
 
 
+def lm_head_weight(graphdef, params):
+    """The LM head as ``[V, H]`` in the compute dtype (the embedding when tied), for callers that
+    apply it block by block instead of through :func:`lm_head_logits`."""
+    model = nnx.merge(graphdef, params)
+    dt = _dtype(model.config.dtype)
+    if model.lm_head is None:
+        return model.embed_tokens.embedding[...].astype(dt)
+    return model.lm_head.kernel[...].astype(dt).T
+
+
 def count_params(params) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))

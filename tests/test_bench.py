@@ -1,0 +1,44 @@
+"""bench/: the FLOP counter against a hand count, and one tiny custom workload end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import workload as wl  # noqa: E402
+
+
+def test_step_flops_hand_count():
+    # H=4, I=8, 1 layer, 2 heads of dim 2, 1 KV head, V=10; 1 prompt x 2 generations, P=2, N=2.
+    w = wl.Workload("toy", 4, 8, 1, 2, 1, num_prompts=1, num_generations=2, new_tokens=2, vocab_size=10,
+                    prompt_tokens=2)
+    # Per token: q, o 2*4*4 each; k, v 2*4*2 each; MLP 3*2*4*8 = 192 -> 288. Attention: 16 per
+    # attended key (QK and PV, 2 heads x 2 dims x 2 FLOPs each). LM head: 2*4*10 = 80 per position.
+    prefill = 2 * (2 * 288 + 16 * (1 + 2) + 80)  # 2 rows, 2 tokens, keys 1 + 2, head at the last
+    decode = 2 * (288 + 16 * 3 + 80)  # N - 1 = 1 step, 3 keys
+    seq = 2 * (3 * 288 + 16 * (1 + 2 + 3) + 2 * 80)  # P + N - 1 = 3 positions, head on N = 2
+    got = wl.step_flops(w)
+    assert got["generation"] == prefill + decode == 2240
+    assert got["update_forward"] == got["reference_forward"] == seq == 2240
+    assert got["update_backward"] == 2 * seq
+    assert got["total"] == 5 * 2240
+    assert wl.letter_fraction("ab1 ") == 0.5 and wl.letter_fraction("") == 0.0 and wl.letter_fraction("é") == 0.0
+
+
+def test_grpo_step_runs_a_tiny_workload():
+    cmd = [sys.executable, str(ROOT / "bench" / "grpo_step.py"), "--workload", "W1", "--warmup", "1", "--steps", "1",
+           "--peak-size", "256", "--set", "hidden_size=16", "intermediate_size=32", "num_attention_heads=2",
+           "num_key_value_heads=1", "vocab_size=22000", "num_prompts=2", "num_generations=2", "new_tokens=3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    w = wl.Workload("t", 16, 32, 2, 2, 1, num_prompts=2, num_generations=2, new_tokens=3, vocab_size=22000)
+    assert row["workload"] == "W1-custom" and row["steps_timed"] == 1
+    assert row["model_flops_per_step"] == wl.step_flops(w)["total"]
+    assert row["floor_sec_per_step"] == row["model_flops_per_step"] / row["matmul_peak_flops_per_sec"]
+    assert row["compiles_after_warmup"] == 0
+    assert row["gen_tokens_per_sec"] == 4 * 3 / row["gen_sec_per_step"]
+    assert 0 < row["gen_sec_per_step"] <= row["sec_per_step"] and row["peak_rss_mb"] > 0

@@ -1,0 +1,139 @@
+"""The fast path: vocabulary-blocked log-probs equal the whole-logits ones (values and gradients),
+the windowed update equals a hand-wired whole-logits GRPO loss, and the inverse-CDF sampler draws
+from softmax(logits)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from g2rpo_jax.guidance import GuidanceConfig, init_guidance_state
+from g2rpo_jax.loss import group_advantages, head_log_probs, policy_loss, token_log_probs, vocab_block
+from g2rpo_jax.models import ModelConfig, forward, init_model, lm_head_logits, lm_head_weight
+from g2rpo_jax.rollout import categorical_inverse_cdf
+from g2rpo_jax.train_step import TrainState, make_optimizer, make_update_fn, sequence_log_probs
+
+V = 50
+CFG = ModelConfig(model_type="qwen2", vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, initializer_range=0.3)
+B, S = 4, 9
+
+
+def _seq(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, V, size=(B, S)).astype(np.int32)
+    mask = np.ones((B, S), bool)
+    mask[0, :2] = False  # a left-padded row
+    positions = np.where(mask, np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    return tokens, positions, mask
+
+
+def _full_log_probs(g, params, tokens, positions, mask):
+    logits, _ = forward(g, params, tokens[:, :-1], positions[:, :-1], mask[:, :-1])
+    return token_log_probs(logits, tokens[:, 1:])
+
+
+def test_vocab_block():
+    assert vocab_block(rows=100, vocab=151646, tile_elements=1 << 20) == 10485
+    assert vocab_block(rows=10**6, vocab=151646) == 128  # never below the minimum
+    assert vocab_block(rows=1, vocab=50) == 50  # never above the vocabulary
+
+
+def test_head_log_probs_equal_whole_logits_values_and_grads():
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(13, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(V, 8)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, V, 13), jnp.int32)
+    t = t.at[0].set(V - 1)  # a target in the last, padded block
+    g = jnp.asarray(rng.normal(size=13), jnp.float32)
+
+    def whole(h, w):
+        return jnp.sum(g * token_log_probs(h @ w.T, t))
+
+    for block in (7, 16, V):  # 8 blocks with padding, 4 blocks, a single block
+        def blocked(h, w):
+            return jnp.sum(g * head_log_probs(h, w, t, block))
+
+        np.testing.assert_allclose(head_log_probs(h, w, t, block), token_log_probs(h @ w.T, t), rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.grad(whole, (0, 1))(h, w), jax.grad(blocked, (0, 1))(h, w)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_log_probs_equal_whole_logits_with_window():
+    g, params = init_model(CFG, 0)
+    seq = _seq()
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, 3)), jnp.float32)
+
+    def whole(p):
+        return jnp.sum(_full_log_probs(g, p, *seq)[:, -3:] * weights)
+
+    def windowed(p):
+        return jnp.sum(sequence_log_probs(g, p, *seq, window=3) * weights)
+
+    (v1, g1), (v2, g2) = jax.value_and_grad(whole)(params), jax.value_and_grad(windowed)(params)
+    np.testing.assert_allclose(v2, v1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sequence_log_probs(g, params, *seq), _full_log_probs(g, params, *seq), rtol=1e-5)
+
+
+def test_update_loss_matches_unchunked_reference():
+    """The windowed, chunked update's loss and KL equal policy_loss on whole-sequence log-probs."""
+    g, params = init_model(CFG, 0)
+    tokens, positions, mask = _seq(5)
+    window = 4  # completion = the last 4 slots; row 2 stops one token early
+    completion = np.zeros((B, S), bool)
+    completion[:, -window:] = True
+    completion[2, -1] = False
+    batch = {"tokens": tokens, "positions": positions, "attention_mask": mask, "completion_mask": completion,
+             "guidance_mask": np.zeros((B, S), bool)}
+    rewards = jnp.asarray([0.1, 0.5, 0.2, 0.9], jnp.float32)
+    gcfg = GuidanceConfig(schedule="fixed", ratio=0.0)
+    schedule = optax.constant_schedule(1e-3)
+    opt = make_optimizer(schedule, max_grad_norm=0.0)
+    kw = dict(loss_type="grpo", beta=0.04, epsilon_low=0.2, epsilon_high=0.2, kl_estimator="k3",
+              guidance_loss="train")
+    update = make_update_fn(g, opt, schedule, loss_kwargs=kw, num_generations=2, num_iterations=1,
+                            scale_rewards="group", guidance_cfg=gcfg, max_completion_length=window)
+    ref_params = jax.tree.map(lambda x: x + 0.01, params)  # a reference that differs: KL > 0
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
+                       ref_params=ref_params, guidance=init_guidance_state(gcfg), rng=jax.random.PRNGKey(0))
+    logp = _full_log_probs(g, params, tokens, positions, mask)
+    ref = _full_log_probs(g, ref_params, tokens, positions, mask)
+    want, aux = policy_loss(logp, logp, ref, group_advantages(rewards, 2), completion[:, 1:],
+                            np.zeros((B, S - 1), bool), max_completion_length=window, **kw)
+    _, m = update(state, batch, rewards, jnp.float32(0.0))
+    np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(m["kl"], aux["kl"], rtol=1e-4)
+    assert float(aux["kl"]) > 0
+
+
+def test_inverse_cdf_sampler_draws_softmax():
+    rng = np.random.default_rng(0)
+    vocab = 1100  # three 512-wide blocks, the last one padded
+    logits = rng.normal(size=(2, vocab)).astype(np.float32) * 2
+    logits[1, ::2] = -1e30  # masked entries (as top-k / top-p leave them) must never be drawn
+    n = 40000
+    keys = jax.random.split(jax.random.key(3), n)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: categorical_inverse_cdf(k, jnp.asarray(logits))))(keys))
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1), np.float64)
+    assert draws.min() >= 0 and draws.max() < vocab
+    assert not np.any(draws[:, 1] % 2 == 0)
+    for row in range(2):
+        freq = np.bincount(draws[:, row], minlength=vocab) / n
+        # Per-category 5-sigma binomial bound, and the total variation of a fair sampler at this n.
+        assert np.all(np.abs(freq - probs[row]) <= 5 * np.sqrt(probs[row] * (1 - probs[row]) / n) + 1e-4)
+        assert 0.5 * np.abs(freq - probs[row]).sum() < 0.08
+    # Deterministic per key; a one-hot distribution always gives its token.
+    one_hot = np.full((3, vocab), -1e30, np.float32)
+    one_hot[np.arange(3), [0, 511, vocab - 1]] = 0.0
+    np.testing.assert_array_equal(categorical_inverse_cdf(jax.random.key(9), jnp.asarray(one_hot)), [0, 511, vocab - 1])
+
+
+def test_lm_head_weight_tied_and_untied():
+    h = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16)), jnp.float32)
+    for tied in (True, False):
+        g, params = init_model(dataclasses.replace(CFG, tie_word_embeddings=tied), 0)
+        np.testing.assert_allclose(h @ lm_head_weight(g, params).T, lm_head_logits(g, params, h), rtol=1e-5, atol=1e-6)

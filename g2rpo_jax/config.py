@@ -34,9 +34,10 @@ class ModelSection(ModelConfig):
 @dataclasses.dataclass
 class DataConfig:
     # Where examples come from (g2rpo_jax/data/sources.py). Names follow TRL's script arguments.
-    source: Literal["embedded", "hf", "reasoning_gym", "tfds"] = "embedded"
+    source: Literal["embedded", "hf", "reasoning_gym", "tfds", "code_cot"] = "embedded"
     # hf: a hub id, local .json/.jsonl/.parquet/.csv file(s) (comma-separated) or a directory;
-    # reasoning_gym: a generator such as gsm_symbolic; tfds: a builder name such as gsm8k
+    # reasoning_gym: a generator such as gsm_symbolic; tfds: a builder name such as gsm8k;
+    # code_cot: local .json/.jsonl/.parquet file(s) or a directory in the Code-CoT shape
     dataset_name: Optional[str] = None
     dataset_config: Optional[str] = None  # hf: the subset (configuration) name
     data_dir: Optional[str] = None  # tfds: data_dir; hf: cache_dir (null: the library default)
@@ -47,7 +48,8 @@ class DataConfig:
     test_dataset_name: Optional[str] = None
     # Column names (a.b reads a nested field; a list value gives its first element). null: the
     # source's default: hf and tfds problem / solution / generations (the paper's schema, no
-    # difficulty); reasoning_gym question / answer / metadata.answer_cot / metadata.difficulty.
+    # difficulty); reasoning_gym question / answer / metadata.answer_cot / metadata.difficulty;
+    # code_cot problem / verification_info (the tests) / generations.
     # An answer holding a \boxed{...} (a `solution`) is reduced to the last boxed content.
     prompt_column: Optional[str] = None
     answer_column: Optional[str] = None
@@ -99,6 +101,11 @@ class RewardConfig:
     controller_signal: str = "accuracy"
     timeout_s: float = 10.0  # per completion, math rewards (process pool): past it the reward is 0
     num_workers: int = 0  # scoring processes for the math rewards; 0 = min(4, CPU count)
+    # The "code" reward (g2rpo_jax/rewards/code.py): limits of each sandboxed run of a program
+    code_timeout_s: float = 4.0  # wall clock per run (one run per test case)
+    code_memory_mb: int = 1024  # address-space limit of a run
+    code_fallback_to_completion: bool = False  # no fenced python block: run the whole completion
+    code_workers: int = 0  # concurrent sandbox runs; 0 = 2 x CPU cores
 
 
 @dataclasses.dataclass
@@ -353,8 +360,8 @@ def validate(cfg: Config) -> None:
               "local file(s) or directory; reasoning_gym: a generator such as gsm_symbolic; tfds: a builder name)")
         check(not cfg.warm_start.enabled, f"warm_start.enabled=true needs data.source=embedded (it trains on "
               f"generated embedded problems); set warm_start.enabled=false with data.source={d.source}")
-        check(d.num_train >= 1 or (d.num_train == -1 and d.source in ("hf", "tfds")),
-              "data.num_train must be >= 1 (or -1 for every row, with data.source=hf or tfds)")
+        check(d.num_train >= 1 or (d.num_train == -1 and d.source in ("hf", "tfds", "code_cot")),
+              "data.num_train must be >= 1 (or -1 for every row, with data.source=hf, tfds or code_cot)")
         check(d.num_train == -1 or r.prompts_per_step <= d.num_train,
               "rollout.prompts_per_step must be <= data.num_train")
     w = cfg.reward
@@ -362,8 +369,13 @@ def validate(cfg: Config) -> None:
 
     unknown = [n for n in w.reward_funcs if n not in REWARD_FUNCS]
     check(not unknown, f"reward.reward_funcs: unknown {unknown}; available: {', '.join(sorted(REWARD_FUNCS))}")
+    check(len(set(w.reward_funcs)) == len(w.reward_funcs), f"reward.reward_funcs {w.reward_funcs} names a function "
+          "twice; list each once (weight it with reward.reward_weights)")
     check(w.timeout_s > 0, "reward.timeout_s must be > 0 seconds")
     check(w.num_workers >= 0, "reward.num_workers must be >= 0 (0 = min(4, CPU count))")
+    check(w.code_timeout_s > 0, "reward.code_timeout_s must be > 0 seconds")
+    check(w.code_memory_mb > 0, "reward.code_memory_mb must be > 0")
+    check(w.code_workers >= 0, "reward.code_workers must be >= 0 (0 = 2 x CPU cores)")
     check(
         w.reward_weights is None or len(w.reward_weights) == len(w.reward_funcs),
         f"reward.reward_weights has {len(w.reward_weights or [])} entries but reward.reward_funcs has "

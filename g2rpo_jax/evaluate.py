@@ -3,8 +3,12 @@
 `--checkpoint` is a run directory (its final/ params, else its newest step checkpoint) or one step
 checkpoint `runs/demo/checkpoints/<step>`.
 
-Greedy accuracy always; with --num-samples k > 1 also pass@k (unbiased estimator) and maj@k over k
-samples per problem at the run's rollout temperature. Per-problem rows go to a JSONL file.
+A completion is scored by the run's ``reward.controller_signal`` reward with the run's reward settings
+(the embedded "accuracy", "math_accuracy", the "code" pass fraction, ...), on the held-out problems of
+the run's data source, tokenized by the run's tokenizer. Greedy accuracy (mean reward) always; with
+--num-samples k > 1 also pass@k (unbiased estimator; a sample counts when its reward is 1) and, for
+rewards that extract an answer, maj@k over k samples per problem at the run's rollout temperature.
+Per-problem rows go to a JSONL file.
 
 `--task humaneval --samples S.jsonl [--out R.jsonl]` scores HumanEval completions in the code
 sandbox without a model (with `--checkpoint`, generates them first): see g2rpo_jax/evaluate_code.py.
@@ -26,7 +30,9 @@ import numpy as np
 from g2rpo_jax.checkpoint import load_newest_params, load_params, load_step_params, read_meta, step_dirs
 from g2rpo_jax.config import ConfigError, config_from_dict, load_config
 from g2rpo_jax.models import init_model
+from g2rpo_jax.rewards import ScoringPool, configured_rewards
 from g2rpo_jax.rewards.embedded import extract_final_answer
+from g2rpo_jax.rewards.math import extract_boxed
 from g2rpo_jax.rollout import SamplingParams, complete_prompts
 from g2rpo_jax.train import load_task, resolve_model_config, setup_logging
 
@@ -38,10 +44,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def majority_correct(predictions: list, answer: str) -> bool:
-    """maj@k: the most common extracted answer (ties: first seen) equals the gold answer."""
-    votes = collections.Counter(p for p in predictions if p is not None)
-    return bool(votes) and votes.most_common(1)[0][0] == answer
+# maj@k votes on the answer a reward extracts; the winner's reward decides. Rewards without one (code,
+# format) report no maj@k.
+VOTE_KEYS = {"accuracy": extract_final_answer, "math_accuracy": extract_boxed}
+
+
+def majority_reward(keys: list, rewards: list) -> float:
+    """maj@k: the reward of the first completion whose extracted answer is the most common (ties: first
+    seen; None never wins); 0.0 when no completion has an answer."""
+    votes = collections.Counter(k for k in keys if k is not None)
+    if not votes:
+        return 0.0
+    winner = votes.most_common(1)[0][0]
+    return float(rewards[keys.index(winner)])
 
 
 @dataclasses.dataclass
@@ -95,10 +110,9 @@ def load_policy(src: Source, like) -> tuple[Path, object]:
     return load_newest_params(src.checkpoints_dir, like)
 
 
-def sample_answers(graphdef, params, tok, test, idx, sampling, seed: int):
-    texts = complete_prompts(graphdef, params, tok, test.prompt_ids[idx], test.prompt_mask[idx],
-                             jax.random.PRNGKey(seed), sampling=sampling)
-    return texts, [extract_final_answer(t) for t in texts]
+def sample_texts(graphdef, params, tok, test, idx, sampling, seed: int) -> list[str]:
+    return complete_prompts(graphdef, params, tok, test.prompt_ids[idx], test.prompt_mask[idx],
+                            jax.random.PRNGKey(seed), sampling=sampling)
 
 
 def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, seed: int = 0) -> dict:
@@ -111,29 +125,36 @@ def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, 
     loaded_from, params = load_policy(src, like)
     n = min(cfg.eval.num_problems, len(test.answers))
     idx = np.arange(n)
-    greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True)
-    texts, preds = sample_answers(graphdef, params, tok, test, idx, greedy, seed)
-    rows = [{"index": int(i), "question": test.examples[i].prompt, "answer": test.answers[i],
-             "difficulty": int(test.difficulty[i]), "greedy_completion": t, "greedy_correct": p == test.answers[i]}
-            for i, t, p in zip(idx, texts, preds)]
-    summary = {"checkpoint": str(loaded_from), "num_problems": n,
-               "greedy_accuracy": float(np.mean([r["greedy_correct"] for r in rows]))}
-    if num_samples > 1:
-        r = cfg.rollout
-        sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=r.temperature,
-                                  top_p=r.top_p, top_k=r.top_k)
-        rep = np.repeat(idx, num_samples)
-        _, sampled = sample_answers(graphdef, params, tok, test, rep, sampling, seed + 1)
-        for j, row in enumerate(rows):
-            preds_j = sampled[j * num_samples:(j + 1) * num_samples]
-            row["samples_correct"] = int(sum(p == row["answer"] for p in preds_j))
-            row["majority_correct"] = majority_correct(preds_j, row["answer"])
-        summary[f"pass@{num_samples}"] = float(np.mean([pass_at_k(num_samples, r["samples_correct"], num_samples)
-                                                         for r in rows]))
-        summary["pass@1"] = float(np.mean([r["samples_correct"] / num_samples for r in rows]))
-        summary[f"maj@{num_samples}"] = float(np.mean([r["majority_correct"] for r in rows]))
-        for row in rows:
-            row[f"pass@{num_samples}"] = pass_at_k(num_samples, row["samples_correct"], num_samples)
+    signal = cfg.reward.controller_signal
+    with ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s) as pool:  # workers start on first use
+        reward_fn = configured_rewards([signal], cfg.reward, pool)[signal]
+        greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True)
+        texts = sample_texts(graphdef, params, tok, test, idx, greedy, seed)
+        rewards = reward_fn(texts, [test.answers[i] for i in idx])
+        rows = [{"index": int(i), "question": test.examples[i].prompt, "answer": test.answers[i],
+                 "difficulty": int(test.difficulty[i]), "greedy_completion": t, "greedy_reward": float(r)}
+                for i, t, r in zip(idx, texts, rewards)]
+        summary = {"checkpoint": str(loaded_from), "reward": signal, "num_problems": n,
+                   "greedy_accuracy": float(np.mean([r["greedy_reward"] for r in rows]))}
+        if num_samples > 1:
+            r = cfg.rollout
+            sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=r.temperature,
+                                      top_p=r.top_p, top_k=r.top_k)
+            rep = np.repeat(idx, num_samples)
+            sampled = sample_texts(graphdef, params, tok, test, rep, sampling, seed + 1)
+            sampled_rewards = reward_fn(sampled, [test.answers[i] for i in rep])
+            vote_key = VOTE_KEYS.get(signal)
+            for j, row in enumerate(rows):
+                rewards_j = sampled_rewards[j * num_samples:(j + 1) * num_samples]
+                row["samples_correct"] = int(sum(x >= 1.0 for x in rewards_j))  # a full-reward sample is correct
+                row[f"pass@{num_samples}"] = pass_at_k(num_samples, row["samples_correct"], num_samples)
+                if vote_key is not None:
+                    keys = [vote_key(t) for t in sampled[j * num_samples:(j + 1) * num_samples]]
+                    row["majority_reward"] = majority_reward(keys, rewards_j)
+            summary[f"pass@{num_samples}"] = float(np.mean([row[f"pass@{num_samples}"] for row in rows]))
+            summary["pass@1"] = float(np.mean([row["samples_correct"] / num_samples for row in rows]))
+            if vote_key is not None:
+                summary[f"maj@{num_samples}"] = float(np.mean([row["majority_reward"] for row in rows]))
     default_name = "eval_results.jsonl" if src.params_dir is not None else f"eval_results_step{loaded_from.name}.jsonl"
     out_path = Path(out) if out else run_dir / default_name
     with open(out_path, "w") as f:
@@ -145,15 +166,18 @@ def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, 
 
 
 def difficulty_table(rows: list[dict], num_samples: int) -> str:
-    """Accuracy per difficulty (problem steps) and overall, as a fixed-width table."""
-    cols = ["greedy"] + (["pass@1", f"pass@{num_samples}", f"maj@{num_samples}"] if num_samples > 1 else [])
+    """Mean reward (accuracy) per difficulty (problem steps) and overall, as a fixed-width table."""
+    vote = num_samples > 1 and "majority_reward" in rows[0]
+    cols = (["greedy"] + (["pass@1", f"pass@{num_samples}"] if num_samples > 1 else [])
+            + ([f"maj@{num_samples}"] if vote else []))
 
     def stats(group):
-        out = [np.mean([r["greedy_correct"] for r in group])]
+        out = [np.mean([r["greedy_reward"] for r in group])]
         if num_samples > 1:
             out += [np.mean([r["samples_correct"] / num_samples for r in group]),
-                    np.mean([r[f"pass@{num_samples}"] for r in group]),
-                    np.mean([r["majority_correct"] for r in group])]
+                    np.mean([r[f"pass@{num_samples}"] for r in group])]
+        if vote:
+            out.append(np.mean([r["majority_reward"] for r in group]))
         return out
 
     lines = [f"{'difficulty':>10} {'n':>5} " + " ".join(f"{c:>8}" for c in cols)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import logging
 import signal
@@ -33,7 +32,7 @@ from g2rpo_jax.metrics import MetricsWriter, console_summary, split_mean, trunca
 from g2rpo_jax.models import init_model
 from g2rpo_jax.models.transformer import count_params
 from g2rpo_jax.policy import architecture, load_policy_tokenizer, load_pretrained_params, pretrained_config
-from g2rpo_jax.rewards import ScoringPool, combine_rewards, get_reward_funcs
+from g2rpo_jax.rewards import ScoringPool, combine_rewards, configured_rewards
 from g2rpo_jax.rollout import Rollout, SamplingParams, complete_prompts, decode_texts
 from g2rpo_jax.dynamic_sampling import choose_groups, enough_groups, group_rows, groups_with_spread, take_rows
 from g2rpo_jax.train_step import (TrainState, learning_rate_schedule, make_optimizer, make_record_fn, make_rollout_fn,
@@ -134,7 +133,8 @@ def make_evaluator(graphdef, tokenizer, test: TokenizedDataset, cfg: Config, poo
     n = min(e.num_problems, len(test.answers))
     bs = min(e.batch_size, n)
     sampling = SamplingParams(max_new_tokens=e.max_new_tokens, greedy=True)
-    reward_fn = functools.partial(get_reward_funcs([cfg.reward.controller_signal])[0], pool=pool)
+    signal = cfg.reward.controller_signal
+    reward_fn = configured_rewards([signal], cfg.reward, pool)[signal]
 
     def evaluate(params) -> dict:
         correct = []
@@ -154,14 +154,14 @@ def should_eval(step: int, cfg: Config) -> bool:
     return step == 0 or step == cfg.train.max_steps or (every > 0 and step % every == 0)
 
 
-def score(tokenizer, rollout, answers: list[str], reward_names: list[str], weights, pool=None):
-    """Host side: decode completions, run each reward function (``pool``: the ScoringPool of the math
-    rewards), combine with weights.
+def score(tokenizer, rollout, answers: list[str], reward_fns: dict, weights):
+    """Host side: decode completions, run each reward function (``reward_fns``: `configured_rewards`),
+    combine with weights.
 
     Returns (combined rewards, {name: per-function rewards}, decoded texts)."""
     texts = decode_texts(tokenizer, rollout)
-    per_func = np.array([fn(texts, answers, pool=pool) for fn in get_reward_funcs(reward_names)], dtype=np.float32)
-    return combine_rewards(per_func, weights).astype(np.float32), dict(zip(reward_names, per_func)), texts
+    per_func = np.array([fn(texts, answers) for fn in reward_fns.values()], dtype=np.float32)
+    return combine_rewards(per_func, weights).astype(np.float32), dict(zip(reward_fns, per_func)), texts
 
 
 @dataclasses.dataclass
@@ -186,7 +186,7 @@ _ROLLOUT_ROWS = ("tokens", "positions", "attention_mask", "completion_mask", "gu
 
 
 def collect_rollouts(state, rollout_fn, record_fn, iterator, ds: TokenizedDataset, tok, cfg: Config, weights,
-                     pool=None):
+                     reward_fns: dict):
     """Draw prompt batches, roll out and score them (host side), update the per-prompt table, and
     keep the groups of the update (all of one batch, or with rollout.dynamic_sampling the groups with
     a reward spread). Returns (state, StepRollouts)."""
@@ -197,8 +197,7 @@ def collect_rollouts(state, rollout_fn, record_fn, iterator, ds: TokenizedDatase
         idx = np.repeat(iterator.next_indices(), g)  # G consecutive rows per prompt
         state, ro, glen = rollout_fn(state, ds.prompt_ids[idx], ds.prompt_mask[idx], ds.guide_ids[idx],
                                      ds.guide_len[idx], idx)
-        rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], cfg.reward.reward_funcs, weights,
-                                      pool)
+        rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], reward_fns, weights)
         if cfg.guidance.per_prompt:
             state = state.replace(guidance=record_fn(state.guidance, idx, parts[signal_name], glen))
         draws.append(dict(rollout=ro, idx=idx, glen=np.asarray(glen), rewards=rewards, parts=parts, texts=texts))
@@ -384,6 +383,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     pool = ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)  # workers start on first use
     evaluate = make_evaluator(graphdef, tok, task.test, cfg, pool)
     reward_names = cfg.reward.reward_funcs
+    reward_fns = configured_rewards(reward_names, cfg.reward, pool)
     weights = cfg.reward.reward_weights or [1.0] * len(reward_names)
     writer = MetricsWriter(out_dir, tensorboard=True, resume_step=None if restored is None else start)
     completions_path = out_dir / "completions.jsonl"
@@ -416,7 +416,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
             for step in range(start + 1, cfg.train.max_steps + 1):
                 t0 = time.perf_counter()
                 length_used, ratio_used = int(state.guidance.length), float(state.guidance.ratio)
-                state, got = collect_rollouts(state, rollout_fn, record_fn, iterator, ds, tok, cfg, weights, pool)
+                state, got = collect_rollouts(state, rollout_fn, record_fn, iterator, ds, tok, cfg, weights, reward_fns)
                 ro, idx, glen, rewards, parts, texts = got.rollout, got.idx, got.glen, got.rewards, got.parts, got.texts
                 batch = {k: getattr(ro, k) for k in ("tokens", "positions", "attention_mask", "completion_mask",
                                                      "guidance_mask")}

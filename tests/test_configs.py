@@ -159,7 +159,8 @@ def test_config_runs_one_step(name, tmp_runs):
 
 
 def test_real_model_configs_are_the_expected_ones():
-    assert set(REAL_MODEL) == {"smollm2_gsm_symbolic", "qwen3_0.6b_math", "qwen3_1.7b_math"}
+    assert set(REAL_MODEL) == {"smollm2_gsm_symbolic", "qwen3_0.6b_math", "qwen3_1.7b_math", "qwen3_0.6b_code",
+                               "qwen3_1.7b_code"}
 
 
 @pytest.mark.parametrize("name,hub_id", [("qwen3_0.6b_math", "Qwen/Qwen3-0.6B"), ("qwen3_1.7b_math", "Qwen/Qwen3-1.7B")])
@@ -180,6 +181,27 @@ def test_paper_math_recipes_load_and_follow_spec_section_8(name, hub_id):
     assert round(g.ratio * r.num_generations) == 2
     assert (cfg.loss.loss_type, cfg.loss.beta) == ("grpo", 0.04)
     assert "<think>" in d.system_prompt and "<answer>" in d.system_prompt
+    assert cfg.train.output_dir == f"runs/{name}"
+
+
+@pytest.mark.parametrize("name,hub_id", [("qwen3_0.6b_code", "Qwen/Qwen3-0.6B"), ("qwen3_1.7b_code", "Qwen/Qwen3-1.7B")])
+def test_paper_code_recipes_load_and_follow_spec_section_8(name, hub_id):
+    cfg = load_config(str(CONFIG_DIR / f"{name}.yaml"))  # the data path is a placeholder: not read here
+    math = load_config(str(CONFIG_DIR / f"{name.replace('code', 'math')}.yaml"))
+    assert cfg.model.model_name_or_path == hub_id
+    d, r, g, w = cfg.data, cfg.rollout, cfg.guidance, cfg.reward
+    assert (d.source, d.order, d.test_split) == ("code_cot", "sequential", None)  # test rows held out of the files
+    assert "Code-CoT" in d.dataset_name
+    assert (d.prompt_column, d.answer_column, d.guidance_column) == ("problem", "verification_info", "generations")
+    assert (r.num_generations, r.prompts_per_step, r.temperature) == (10, 28, 0.7)
+    assert (d.max_prompt_length, r.max_completion_length) == (512, 4096)  # total context 4608
+    assert (w.reward_funcs, w.controller_signal) == (["code"], "code")
+    assert (g.schedule, g.rule, g.initial_length, g.max_length, g.min_length, g.history_size) == (
+        "adaptive", "reference", 3072, 3072, 1, 2)
+    assert g.ratio == math.guidance.ratio and d.max_guidance_length >= g.max_length and d.truncate_guidance
+    assert (cfg.optim, cfg.loss) == (math.optim, math.loss)  # lr 1e-5 AdamW cosine floor 0.1 warmup 5%, grpo
+    assert (cfg.loss.beta, cfg.loss.kl_estimator, cfg.loss.epsilon, cfg.loss.num_iterations) == (0.04, "k3", 0.2, 1)
+    assert "```python" in d.system_prompt
     assert cfg.train.output_dir == f"runs/{name}"
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from g2rpo_jax.cli import main as cli_main
-from g2rpo_jax.evaluate import majority_correct, pass_at_k
+from g2rpo_jax.evaluate import majority_reward, pass_at_k
 from g2rpo_jax.plot import PLOTS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -25,10 +25,12 @@ def test_pass_at_k_matches_the_closed_form():
 
 
 def test_majority_vote():
-    assert majority_correct(["3", "3", "5", None], "3")
-    assert not majority_correct(["5", "3", "5"], "3")
-    assert not majority_correct([None, None], "3")
-    assert majority_correct(["3", "5"], "3")  # a tie goes to the first seen
+    assert majority_reward(["3", "3", "5", None], [1.0, 1.0, 0.0, 0.0]) == 1.0
+    assert majority_reward(["5", "3", "5"], [0.0, 1.0, 0.0]) == 0.0
+    assert majority_reward([None, None], [1.0, 1.0]) == 0.0  # no answer extracted: no vote
+    assert majority_reward(["3", "5"], [1.0, 0.0]) == 1.0  # a tie goes to the first seen
+    # the winner's reward is that of its first completion (rewards of one answer agree in practice)
+    assert majority_reward([None, "7", "7", "2"], [0.5, 0.25, 0.25, 1.0]) == 0.25
 
 
 def test_plot_writes_valid_pngs(tmp_path, capsys):

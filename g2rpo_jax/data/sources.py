@@ -11,6 +11,9 @@ names of the config (or the source's defaults):
 - ``reasoning_gym``: a procedural generator such as ``gsm_symbolic``; ``metadata.answer_cot`` is the
   guidance trace.
 - ``tfds``: tensorflow-datasets through ``tfds.data_source`` (array_record files, no TensorFlow).
+- ``code_cot``: local .json/.jsonl/.parquet file(s) or a directory of them in the Code-CoT shape
+  (``problem``, ``verification_info`` tests, ``generations``; g2rpo_jax/data/code.py): the answer is
+  the code reward's tests JSON instead of a gold answer.
 
 A malformed row (no prompt, no answer, empty guidance) stops loading with a message naming the row
 and the fix (``data.on_error=raise``) or is skipped and counted (``skip``).
@@ -41,11 +44,18 @@ class SourceSplit:
     skipped: dict[str, int]  # reason -> rows skipped
 
 
+def answer_from_field(value: Any) -> Optional[str]:
+    """A gold answer from an answer field (math sources): see `gold_answer`."""
+    return gold_answer(_text(value))
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
     # (data config) -> {"train": rows, "test": rows or None (None: hold rows of train out)}
     read: Callable[[Any], dict[str, Optional[Rows]]]
     columns: dict[str, Optional[str]]  # default column per COLUMN_KEYS entry
+    # the answer column's value -> the Example's answer (None: missing); ValueError: a malformed row
+    answer: Callable[[Any], Optional[str]] = answer_from_field
 
 
 # ------------------------------------------------------------------ readers
@@ -165,6 +175,33 @@ def _read_tfds(d) -> dict[str, Optional[Rows]]:
     return {"train": train, "test": test}
 
 
+def _read_code_cot(d) -> dict[str, Optional[Rows]]:
+    from g2rpo_jax.data.code import SUFFIXES, data_files, read_rows
+
+    name = d.dataset_name
+    if d.test_split is not None:
+        raise ConfigError(f"data.test_split={d.test_split!r}: code_cot files form one split; set data.test_split=null "
+                          "(hold out data.num_test rows) or data.test_dataset_name to separate test files")
+    files = data_files(name) if Path(name).expanduser().is_dir() else _local_files(name)
+    if not files:
+        raise ConfigError(f"data.dataset_name={name!r}: no such file; data.source=code_cot reads local "
+                          f"{'/'.join(SUFFIXES)} file(s) or a directory of them (download G2RPO-A/Code-CoT first)")
+    bad = [str(f) for f in files if Path(f).suffix not in SUFFIXES]
+    if bad:
+        raise ConfigError(f"data.dataset_name={name!r}: {bad[0]} is not one of {', '.join(SUFFIXES)}")
+    try:
+        return {"train": [row for f in files for row in read_rows(Path(f))], "test": None}
+    except ValueError as e:
+        raise ConfigError(f"data.dataset_name={name!r}: {e}") from None
+
+
+def _code_answer(value: Any) -> Optional[str]:
+    """The code reward's tests JSON for a tests field (layouts: g2rpo_jax/data/code.py)."""
+    from g2rpo_jax.data.code import tests_to_answer
+
+    return None if value is None else tests_to_answer(value)
+
+
 _PAPER_COLUMNS = {"prompt": "problem", "answer": "solution", "guidance": "generations", "difficulty": None}
 
 SOURCES: dict[str, Source] = {
@@ -174,6 +211,8 @@ SOURCES: dict[str, Source] = {
                                                   "guidance": "metadata.answer_cot",
                                                   "difficulty": "metadata.difficulty"}),
     "tfds": Source(_read_tfds, _PAPER_COLUMNS),
+    "code_cot": Source(_read_code_cot, {"prompt": "problem", "answer": "verification_info", "guidance": "generations",
+                                        "difficulty": None}, answer=_code_answer),
 }
 
 
@@ -244,9 +283,10 @@ def _difficulty(value: Any, column: str) -> Optional[float]:
 
 
 def rows_to_examples(rows: Iterable[Mapping[str, Any]], columns: dict, split: str, on_error: str,
-                     require_guidance: bool) -> SourceSplit:
+                     require_guidance: bool, to_answer: Callable[[Any], Optional[str]] = answer_from_field) -> SourceSplit:
     """Map rows to Examples; malformed rows raise (``on_error="raise"``) or are counted and skipped.
-    Without ``require_guidance`` a row may lack the guidance column too (evaluation sets)."""
+    Without ``require_guidance`` a row may lack the guidance column too (evaluation sets).
+    ``to_answer`` reads the answer column (the source's `Source.answer`)."""
     examples: list[Example] = []
     skipped: Counter = Counter()
     n = 0
@@ -259,7 +299,7 @@ def rows_to_examples(rows: Iterable[Mapping[str, Any]], columns: dict, split: st
             if value is _Missing:
                 raise ConfigError(f"data ({split}): column {columns[key]!r} not found; the rows have "
                                   f"{', '.join(sorted(map(str, row)))}; set data.{key}_column")
-            fields[key] = _text(value)
+            fields[key] = value if key == "answer" else _text(value)
         difficulty = None
         if columns["difficulty"]:
             value = get_field(row, columns["difficulty"])
@@ -267,17 +307,22 @@ def rows_to_examples(rows: Iterable[Mapping[str, Any]], columns: dict, split: st
                 raise ConfigError(f"data ({split}): difficulty column {columns['difficulty']!r} not found; set "
                                   "data.difficulty_column (null: keep file order)")
             difficulty = _difficulty(value, columns["difficulty"])
-        answer = gold_answer(fields["answer"])
-        reason = None
+        reason, detail = None, ""
+        try:
+            answer = to_answer(fields["answer"])
+        except ValueError as e:  # e.g. code tests in no known layout
+            answer, detail = None, f" ({e})"
         if not (fields["prompt"] or "").strip():
             reason = "missing prompt"
+        elif detail:
+            reason = "malformed answer"
         elif answer is None:
             reason = "missing answer"
         elif require_guidance and not (fields["guidance"] or "").strip():
             reason = "empty guidance"
         if reason is not None:
             if on_error == "raise":
-                raise ConfigError(f"data ({split}) row {n - 1}: {reason} (columns {columns['prompt']!r}, "
+                raise ConfigError(f"data ({split}) row {n - 1}: {reason}{detail} (columns {columns['prompt']!r}, "
                                   f"{columns['answer']!r}, {columns['guidance']!r}); fix the data or set "
                                   "data.on_error=skip to skip such rows")
             skipped[reason] += 1
@@ -325,7 +370,7 @@ def load_examples(d, require_guidance: bool = True) -> dict[str, SourceSplit]:
     for split, rows, limit in (("train", train_rows, d.num_train), ("test", test_rows, d.num_test)):
         # held-out problems are evaluated without guidance: a trace is never required there
         out[split] = rows_to_examples(_take(rows, limit), columns, split, d.on_error,
-                                      require_guidance and split == "train")
+                                      require_guidance and split == "train", SOURCES[d.source].answer)
         if not out[split].examples:
             raise ConfigError(f"data ({split}): no usable rows out of {out[split].num_rows} "
                               f"({skip_summary(out[split].skipped) or 'the split is empty'})")

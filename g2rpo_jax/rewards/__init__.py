@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -10,6 +11,7 @@ from g2rpo_jax.rewards.code import code_reward
 from g2rpo_jax.rewards.embedded import accuracy_reward, extract_final_answer, format_reward
 from g2rpo_jax.rewards.math import math_accuracy_reward, think_format_reward
 from g2rpo_jax.rewards.pool import ScoringPool
+from g2rpo_jax.rewards.sandbox import SandboxLimits
 
 RewardFn = Callable[..., list]
 
@@ -35,6 +37,24 @@ def get_reward_funcs(names: Sequence[str]) -> list[RewardFn]:
     return [REWARD_FUNCS[n] for n in names]
 
 
+def reward_settings(name: str, reward_cfg: Any, pool: ScoringPool | None = None) -> dict:
+    """Keyword arguments of reward ``name`` from the config's ``reward`` section: the math rewards'
+    scoring pool, the code reward's sandbox limits."""
+    if name == "code":
+        return {"limits": SandboxLimits(timeout_s=reward_cfg.code_timeout_s, memory_mb=reward_cfg.code_memory_mb),
+                "fallback_to_completion": reward_cfg.code_fallback_to_completion,
+                "max_workers": reward_cfg.code_workers or None}
+    return {"pool": pool}
+
+
+def configured_rewards(names: Sequence[str], reward_cfg: Any, pool: ScoringPool | None = None) -> dict[str, RewardFn]:
+    """``{name: fn(completions, answers)}``: the reward functions named in ``names`` with their settings
+    from ``reward_cfg`` (a config's ``reward`` section) bound; the one place training and evaluation get
+    reward callables from."""
+    return {name: functools.partial(fn, **reward_settings(name, reward_cfg, pool))
+            for name, fn in zip(names, get_reward_funcs(names))}
+
+
 def combine_rewards(per_func: np.ndarray, weights: Sequence[float] | None) -> np.ndarray:
     """Weighted sum over reward functions: ``per_func`` [F, B] -> [B] float32.
 
@@ -58,6 +78,7 @@ __all__ = [
     "accuracy_reward",
     "code_reward",
     "combine_rewards",
+    "configured_rewards",
     "extract_final_answer",
     "format_reward",
     "get_reward_funcs",

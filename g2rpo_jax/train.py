@@ -32,7 +32,11 @@ from g2rpo_jax.metrics import MetricsWriter, console_summary, split_mean, trunca
 from g2rpo_jax.models import init_model
 from g2rpo_jax.models.transformer import count_params
 from g2rpo_jax.rewards import combine_rewards, get_reward_funcs
+from g2rpo_jax.plan import detect_device_memory, fit_warning, format_bytes, memory_plan
 from g2rpo_jax.rollout import SamplingParams, complete_prompts, decode_texts
+from g2rpo_jax.sharding import (Placement, abstract_like, check_batch, gather_host, global_batch,
+                                maybe_initialize_distributed, process_rows, shard_state, sync_processes, to_host,
+                                tree_shardings)
 from g2rpo_jax.train_step import TrainState, learning_rate_schedule, make_optimizer, make_rollout_fn, make_update_fn
 from g2rpo_jax.warm_start import warm_start
 
@@ -201,6 +205,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     signal stopped the run, else None). `stop_after=k` stops after step k as a signal would (a
     checkpoint is saved), for tests and time-limited jobs."""
     setup_logging()
+    maybe_initialize_distributed(cfg.mesh)  # before anything touches a device
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("output dir %s, jax %s on %s", out_dir, jax.__version__, jax.devices()[0].platform)
@@ -222,6 +227,13 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
                                       o.lr_scheduler_type)
     optimizer = make_optimizer(schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
                                weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
+    placement = Placement.build(cfg.mesh)
+    check_batch(placement.mesh, r.prompts_per_step, g)
+    log.info("mesh %s", placement.describe())
+    plan = memory_plan(cfg, model_cfg, placement.mesh.devices.size, detect_device_memory()[0])
+    log.info("memory: about %s per device at peak (`g2rpo plan` has the breakdown)", format_bytes(plan.peak))
+    if fit_warning(plan):
+        log.warning("%s", fit_warning(plan))
     iterator = PromptIterator(len(task.train.answers), r.prompts_per_step, seed=cfg.train.seed + cfg.data.seed,
                               order=cfg.data.order)
 
@@ -234,14 +246,18 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
                       "guidance": jax.eval_shape(lambda: init_guidance_state(guidance_cfg)),
                       "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
         try:
-            restored = ckpt.restore_latest(params, state_like, model_meta)
+            # restored straight into the target shardings (each process reads only its pieces)
+            restored = ckpt.restore_latest(abstract_like(params, tree_shardings(params, placement.mesh)),
+                                           abstract_like(state_like, tree_shardings(state_like, placement.mesh)),
+                                           model_meta)
         except ValueError as e:  # a checkpoint of another model, or none readable: one clear line
             ckpt.close()
             raise ConfigError(str(e)) from None
         if restored is None:
             log.info("resume: no checkpoint in %s yet; starting a new run", ckpt.directory)
     else:
-        removed = remove_checkpoints(out_dir)
+        removed = remove_checkpoints(out_dir) if jax.process_index() == 0 else 0
+        sync_processes("old checkpoints removed")  # no host may write into the directory before that
         if removed:
             log.warning("train.resume=never: replaced %d old checkpoints in %s (pass --resume to continue a run)",
                         removed, out_dir / "checkpoints")
@@ -251,7 +267,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
 
     if restored is None:
         start = 0
-        params = warm_start(cfg, model_cfg, tok, graphdef, params)
+        # placed first: the warm start then runs (and is cached) on the mesh like everything else
+        params = warm_start(cfg, model_cfg, tok, graphdef, shard_state(params, tree_shardings(params, placement.mesh)))
         state = TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
             # A separate copy: the update donates the state's buffers, and the reference stays frozen.
@@ -269,14 +286,15 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
         log.info("resume: continuing from %s (step %d of %d; warm start skipped)", ckpt.step_path(start), start,
                  cfg.train.max_steps)
 
-    # Commit every leaf to the device: arrays restored from a checkpoint are committed, fresh ones
-    # partly not, and committed-ness is part of the compiled program. One form for both means a
-    # resumed run runs the very executables of a fresh one (and hits the same compilation cache).
-    state = jax.device_put(state, jax.devices()[0])
+    # Place every leaf with its mesh sharding (sharding.py rules; the reference like the policy). One
+    # placement for fresh and restored states means a resumed run runs the very executables of a
+    # fresh one (and hits the same compilation cache).
+    state_shardings = tree_shardings(state, placement.mesh)
+    state = shard_state(state, state_shardings)
     sampling = SamplingParams(max_new_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k)
     rollout_fn = make_rollout_fn(graphdef, sampling, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                 num_generations=g)
+                                 num_generations=g, placement=placement, state_shardings=state_shardings)
     loss_kwargs = dict(loss_type=lc.loss_type, beta=lc.beta, epsilon_low=lc.epsilon,
                        epsilon_high=lc.epsilon if lc.epsilon_high is None else lc.epsilon_high,
                        kl_estimator=lc.kl_estimator, guidance_loss=lc.guidance_loss,
@@ -284,12 +302,15 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     update_fn = make_update_fn(graphdef, optimizer, schedule, loss_kwargs=loss_kwargs, num_generations=g,
                                num_iterations=lc.num_iterations, scale_rewards=lc.scale_rewards,
                                guidance_cfg=guidance_cfg,
-                               max_completion_length=cfg.data.max_guidance_length + r.max_completion_length)
+                               max_completion_length=cfg.data.max_guidance_length + r.max_completion_length,
+                               placement=placement, state_shardings=state_shardings)
     evaluate = make_evaluator(graphdef, tok, task.test, cfg)
     reward_names = cfg.reward.reward_funcs
     weights = cfg.reward.reward_weights or [1.0] * len(reward_names)
-    writer = MetricsWriter(out_dir, tensorboard=True, resume_step=None if restored is None else start)
-    completions_path = out_dir / "completions.jsonl"
+    # Every host computes the same rows; hosts other than 0 keep theirs apart on a shared output_dir.
+    log_dir = out_dir if jax.process_index() == 0 else out_dir / "hosts" / str(jax.process_index())
+    writer = MetricsWriter(log_dir, tensorboard=True, resume_step=None if restored is None else start)
+    completions_path = log_dir / "completions.jsonl"
     if restored is None:
         completions_path.write_text("")
     else:
@@ -319,16 +340,25 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
             for step in range(start + 1, cfg.train.max_steps + 1):
                 t0 = time.perf_counter()
                 idx = np.repeat(iterator.next_indices(), g)  # G consecutive rows per prompt
+                # each process loads and scores only the rows that live on its devices
+                mine = process_rows(placement.batch, len(idx))
                 length_used = int(state.guidance.length)
-                state, ro, glen = rollout_fn(state, ds.prompt_ids[idx], ds.prompt_mask[idx], ds.guide_ids[idx],
-                                             ds.guide_len[idx])
-                rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], reward_names, weights)
+                inputs = global_batch({"ids": ds.prompt_ids[idx[mine]], "mask": ds.prompt_mask[idx[mine]],
+                                       "guide": ds.guide_ids[idx[mine]], "len": ds.guide_len[idx[mine]]},
+                                      placement.batch, len(idx))
+                state, ro_dev, glen = rollout_fn(state, inputs["ids"], inputs["mask"], inputs["guide"], inputs["len"])
+                ro = jax.tree.map(to_host, ro_dev)
+                rewards, parts, texts = score(tok, jax.tree.map(lambda a: a[mine] if np.ndim(a) else a, ro),
+                                              [ds.answers[i] for i in idx[mine]], reward_names, weights)
+                rewards = gather_host(rewards, mine, len(idx))
+                parts = {k: gather_host(v, mine, len(idx)) for k, v in parts.items()}
                 signal_value = float(parts[cfg.reward.controller_signal].mean())
-                batch = {k: getattr(ro, k) for k in ("tokens", "positions", "attention_mask", "completion_mask",
-                                                     "guidance_mask")}
-                state, m = update_fn(state, batch, jnp.asarray(rewards), jnp.float32(signal_value))
+                batch = {k: getattr(ro_dev, k) for k in ("tokens", "positions", "attention_mask", "completion_mask",
+                                                         "guidance_mask")}
+                state, m = update_fn(state, batch, global_batch({"r": rewards[mine]}, placement.batch, len(idx))["r"],
+                                     shard_state(np.float32(signal_value), placement.replicated))
                 m = jax.device_get(m)
-                glen = np.asarray(glen)
+                glen = to_host(glen)
                 guided = glen > 0
                 dt = time.perf_counter() - t0
                 row = {"step": step, **{k: v for k, v in m.items()}}
@@ -347,7 +377,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
                 last = writer.write(row)
                 every_c = cfg.train.log_completions_every
                 if every_c and step % every_c == 0:
-                    sample = sample_completions(step, [ds.examples[i].prompt for i in idx], texts, rewards, glen)
+                    sample = sample_completions(step, [ds.examples[i].prompt for i in idx[mine]], texts,
+                                                rewards[mine], glen[mine])
                     with open(completions_path, "a") as f:
                         f.writelines(json.dumps(s) + "\n" for s in sample)
                     log.info("step %d completions:\n%s", step, completions_table(sample))

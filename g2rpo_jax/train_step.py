@@ -9,7 +9,6 @@ arbitrary Python over decoded text.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.struct
@@ -20,7 +19,8 @@ import optax
 from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, update_guidance
 from g2rpo_jax.loss import group_advantages, policy_loss, token_log_probs
 from g2rpo_jax.models import forward
-from g2rpo_jax.rollout import SamplingParams, generate
+from g2rpo_jax.rollout import Rollout, SamplingParams, generate
+from g2rpo_jax.sharding import Placement, jit_on_mesh
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -59,10 +59,12 @@ def sequence_log_probs(graphdef, params, tokens, positions, attention_mask):
     return token_log_probs(logits, tokens[:, 1:])
 
 
-def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int):
-    """(state, prompt batch repeated G times) -> (state with new rng, Rollout, per-row guide lengths)."""
+def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int,
+                    placement: Placement | None = None, state_shardings=None):
+    """(state, prompt batch repeated G times) -> (state with new rng, Rollout, per-row guide lengths).
 
-    @jax.jit
+    With a `placement` (and the state's shardings): rows sharded over (data, fsdp), the state donated."""
+
     def rollout(state: TrainState, prompt_ids, prompt_mask, guide_ids, trace_len):
         rng, key = jax.random.split(state.rng)
         glen = guide_lengths(state.guidance, trace_len, num_generations)
@@ -70,7 +72,12 @@ def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: 
                        sampling=sampling, eos_id=eos_id, pad_id=pad_id)
         return state.replace(rng=rng), out, glen
 
-    return rollout
+    if placement is None:
+        return jax.jit(rollout)
+    rows, rep = placement.batch, placement.replicated
+    out_rollout = Rollout(*([rows] * (len(Rollout._fields) - 1)), context_length=rep)
+    return jit_on_mesh(rollout, placement.mesh, in_shardings=(state_shardings, rows, rows, rows, rows),
+                       out_shardings=(state_shardings, out_rollout, rows), donate_argnums=(0,))
 
 
 def group_reward_stats(rewards, num_generations: int) -> dict:
@@ -86,8 +93,11 @@ def group_reward_stats(rewards, num_generations: int) -> dict:
 
 def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                    loss_kwargs: dict, num_generations: int, num_iterations: int, scale_rewards: str,
-                   guidance_cfg: GuidanceConfig, max_completion_length: int):
-    """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit."""
+                   guidance_cfg: GuidanceConfig, max_completion_length: int,
+                   placement: Placement | None = None, state_shardings=None):
+    """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit.
+
+    With a `placement`: batch rows and rewards sharded over (data, fsdp), metrics replicated."""
     beta = loss_kwargs.get("beta", 0.0)
 
     def loss_fn(params, batch, adv, old_logp, ref_logp):
@@ -98,7 +108,6 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
                                 **loss_kwargs)
         return loss, aux
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
     def update(state: TrainState, batch: dict, rewards, signal):
         adv = group_advantages(rewards, num_generations, scale_rewards)
         seq = (batch["tokens"], batch["positions"], batch["attention_mask"])
@@ -120,5 +129,9 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, guidance=guidance)
         return new_state, metrics
 
-    return update
+    if placement is None:
+        return jax.jit(update, donate_argnums=(0,))
+    rows, rep = placement.batch, placement.replicated
+    return jit_on_mesh(update, placement.mesh, in_shardings=(state_shardings, rows, rows, rep),
+                       out_shardings=(state_shardings, rep), donate_argnums=(0,))
 

@@ -84,7 +84,8 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
                             "at most one of mesh.data/mesh.fsdp/mesh.tensor = -1 (the rest)")
     fixed = math.prod(s for s in sizes if s != -1)
     if num_devices % fixed:
-        raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the {num_devices} devices: "
+        given = " ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+        raise ShardingError(f"{given} does not divide the {num_devices} devices: "
                             f"the product of the fixed sizes ({fixed}) must divide {num_devices}; "
                             "change mesh.data/mesh.fsdp/mesh.tensor")
     sizes = [num_devices // fixed if s == -1 else s for s in sizes]
@@ -372,5 +373,5 @@ def jit_on_mesh(fn, mesh: Mesh | None, *, in_shardings=None, out_shardings=None,
         with jax.set_mesh(mesh):
             return jitted(*args)
 
-    call.jitted = jitted  # for lowering / cache inspection
+    call.jitted, call._cache_size = jitted, jitted._cache_size  # lowering, recompile checks
     return call

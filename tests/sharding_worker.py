@@ -89,6 +89,8 @@ def run(placement: Placement | None, steps: int = STEPS):
                                  shard_state(np.float32(rewards.mean()), placement.replicated))
         losses.append([float(to_host(m["loss"])), float(to_host(m["kl"])), float(to_host(m["grad_norm"]))])
         rewards_seen.append(rewards)
+    if placement is not None:  # L and the rewards change every step: still one program each
+        assert rollout_fn._cache_size() == 1 and update_fn._cache_size() == 1
     return state, np.array(losses), np.array(rewards_seen)
 
 

@@ -45,6 +45,10 @@ class RolloutConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
+    # DAPO dynamic sampling (SPEC section 6): draw more prompt batches until every group of the
+    # update has a reward spread, at most max_num_gen_batches batches per step (g2rpo_jax/dynamic_sampling.py)
+    dynamic_sampling: bool = False
+    max_num_gen_batches: int = 3
 
 
 @dataclasses.dataclass
@@ -292,6 +296,8 @@ def validate(cfg: Config) -> None:
     check(r.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used only for eval)")
     check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
     check(r.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)")
+    check(r.max_num_gen_batches >= 1, "rollout.max_num_gen_batches must be >= 1 (prompt batches drawn per step "
+          "with rollout.dynamic_sampling)")
     check(cfg.train.max_steps >= 0, "train.max_steps must be >= 0")
     check(cfg.train.log_completions_every >= 0, "train.log_completions_every must be >= 0 (0 = off)")
     check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = off)")

@@ -5,6 +5,9 @@ checkpoint `runs/demo/checkpoints/<step>`.
 
 Greedy accuracy always; with --num-samples k > 1 also pass@k (unbiased estimator) and maj@k over k
 samples per problem at the run's rollout temperature. Per-problem rows go to a JSONL file.
+
+`--task humaneval --samples S.jsonl [--out R.jsonl]` scores HumanEval completions in the code
+sandbox without a model (with `--checkpoint`, generates them first): see g2rpo_jax/evaluate_code.py.
 """
 
 from __future__ import annotations
@@ -164,15 +167,24 @@ def difficulty_table(rows: list[dict], num_samples: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="g2rpo evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
+    parser.add_argument("--checkpoint",
                         help="a run's train.output_dir (its final/ params, else its newest step checkpoint), its "
                              "final/ dir, or one step checkpoint <output_dir>/checkpoints/<step>")
-    parser.add_argument("--task", default="embedded", choices=["embedded"], help="evaluation task")
+    parser.add_argument("--task", default="embedded", choices=["embedded", "humaneval"], help="evaluation task")
     parser.add_argument("--num-samples", type=int, default=1, help="samples per problem for pass@k / maj@k")
-    parser.add_argument("--out", help="per-problem JSONL (default: <run>/eval_results.jsonl)")
+    parser.add_argument("--out", help="per-problem JSONL (default: <run>/eval_results.jsonl; humaneval: "
+                                      "<samples>_results.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", help="humaneval: JSONL of task_id/completion rows to score (written first "
+                                          "when --checkpoint is given)")
+    parser.add_argument("--limit", type=int, help="humaneval with --checkpoint: only the first N problems")
+    parser.add_argument("--workers", type=int, help="humaneval: parallel sandbox runs (default 2 x CPU cores)")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.task == "humaneval":
+        return humaneval_main(args)
+    if not args.checkpoint:
+        parser.error("--checkpoint is required for --task embedded")
     try:
         summary = evaluate_run(args.checkpoint, args.num_samples, args.out, args.seed)
     except (FileNotFoundError, ConfigError, ValueError) as e:
@@ -180,6 +192,26 @@ def main(argv=None) -> int:
         return 2
     table = summary.pop("table")
     print(table)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def humaneval_main(args) -> int:
+    from g2rpo_jax import evaluate_code
+
+    if not args.samples and not args.checkpoint:
+        print("error: --task humaneval needs --samples S.jsonl (completions to score) or --checkpoint RUN "
+              "(to generate them)", file=sys.stderr)
+        return 2
+    try:
+        samples = args.samples
+        if args.checkpoint:
+            samples = evaluate_code.generate_humaneval_samples(args.checkpoint, samples, args.num_samples,
+                                                               args.limit, args.seed)
+        summary = evaluate_code.evaluate_humaneval(samples, args.out, max_workers=args.workers)
+    except (FileNotFoundError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return 0
 

@@ -34,8 +34,19 @@ Rounding conventions:
   ``51.99999999999999`` in Python, so the public code gives 51) we give the intended 52; (b) a true
   ratio within a relative 1e-6 below an integer (e.g. 2999.998 with L near 3000) floors up here.
 
-The guidance ratio ``alpha`` is carried in the state (``ratio``) so a later adaptive-alpha extension
-(SPEC section 6) needs no state change; every schedule here keeps it at ``cfg.ratio``.
+Extensions beyond the paper (SPEC section 6), each off by default:
+
+- ``ratio_schedule="adaptive"``: the guidance ratio ``alpha`` follows the same feedback as the
+  ``paper`` length rule, ``alpha = clip(alpha * mean(previous m rewards) / r_k, min_ratio, max_ratio)``
+  under the same conditions (``m >= 1``, ``r_k > 0``, mean ``> 0``), over the same ring buffer. Rising
+  reward guides fewer rows, falling reward more. Not combinable with ``rule="reference"``, whose
+  buffer holds cycles, not a ring of past steps.
+- ``per_prompt=True``: a table ``prompt_failed`` (bool, one entry per training example) records whether
+  the unguided rollouts of that example's group all failed (accuracy <= 0) the last time it was drawn;
+  only groups whose entry is True get guided rows. An example never drawn counts as failed, so a first
+  pass over the data is guided exactly as without the table (the prior suited to a weak model), and
+  guidance is then withdrawn only where the model showed it can solve the prompt alone.
+  ``record_outcomes`` writes the table from each step's rewards.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ import jax.numpy as jnp
 
 SCHEDULES = ("fixed", "linear_decay", "cosine", "adaptive")
 RULES = ("paper", "reference")
+RATIO_SCHEDULES = ("fixed", "adaptive")
 
 # Relative tolerance for float32 floor of L * mean / r (see module docstring).
 _FLOOR_REL_TOL = 1e-6
@@ -65,6 +77,8 @@ class GuidanceState:
              0-based; for ``rule="reference"`` slots 0 and 1 hold the current cycle's two rewards).
     count:   int32 scalar, rewards recorded so far (``reference``: position inside the cycle, 0..2).
     step:    int32 scalar, optimizer steps completed.
+    prompt_failed: bool [num_examples] with ``per_prompt`` (see module docstring), else bool [1]
+             (unused; a fixed shape keeps checkpoints and the compiled step uniform).
     """
 
     length: jax.Array
@@ -72,6 +86,7 @@ class GuidanceState:
     history: jax.Array
     count: jax.Array
     step: jax.Array
+    prompt_failed: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +101,11 @@ class GuidanceConfig:
     max_length: int = 64  # L_max
     history_size: int = 2  # T
     total_steps: int = 0  # linear_decay / cosine horizon; 0 = train.max_steps (the caller fills it)
+    # SPEC section 6 extensions (module docstring)
+    ratio_schedule: str = "fixed"  # fixed | adaptive
+    min_ratio: float = 0.0
+    max_ratio: float = 1.0
+    per_prompt: bool = False  # guide only groups whose unguided rollouts all failed last time
 
     def validate(self) -> None:
         """Raise ValueError with one message naming the field and its valid values."""
@@ -119,11 +139,36 @@ class GuidanceConfig:
             raise ValueError(
                 f"guidance.total_steps must be >= 0 (0 = use train.max_steps), got {self.total_steps}"
             )
+        if self.ratio_schedule not in RATIO_SCHEDULES:
+            raise ValueError(
+                f"guidance.ratio_schedule must be one of {list(RATIO_SCHEDULES)}, got {self.ratio_schedule!r}"
+            )
+        for name in ("min_ratio", "max_ratio"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"guidance.{name} must be a number in [0, 1], got {v!r}")
+        if self.ratio_schedule == "adaptive":
+            if not self.min_ratio <= self.ratio <= self.max_ratio:
+                raise ValueError(
+                    f"guidance.ratio ({self.ratio}) must lie in [guidance.min_ratio, guidance.max_ratio] = "
+                    f"[{self.min_ratio}, {self.max_ratio}] when guidance.ratio_schedule is adaptive"
+                )
+            if self.schedule == "adaptive" and self.rule == "reference":
+                raise ValueError(
+                    "guidance.ratio_schedule=adaptive needs the ring buffer of past rewards, which "
+                    "guidance.rule=reference does not keep; use guidance.rule=paper"
+                )
+        if not isinstance(self.per_prompt, bool):
+            raise ValueError(f"guidance.per_prompt must be true or false, got {self.per_prompt!r}")
 
 
-def init_guidance_state(cfg: GuidanceConfig) -> GuidanceState:
-    """Initial state: L = initial_length (fixed, adaptive) or max_length (linear_decay, cosine)."""
+def init_guidance_state(cfg: GuidanceConfig, num_examples: int = 1) -> GuidanceState:
+    """Initial state: L = initial_length (fixed, adaptive) or max_length (linear_decay, cosine).
+
+    ``num_examples`` sizes the per-prompt table (``per_prompt``); every entry starts as failed."""
     cfg.validate()
+    if cfg.per_prompt and num_examples < 1:
+        raise ValueError(f"guidance.per_prompt needs a non-empty training set, got {num_examples} examples")
     length0 = cfg.max_length if cfg.schedule in ("linear_decay", "cosine") else cfg.initial_length
     return GuidanceState(
         length=jnp.asarray(length0, jnp.int32),
@@ -131,6 +176,7 @@ def init_guidance_state(cfg: GuidanceConfig) -> GuidanceState:
         history=jnp.zeros((cfg.history_size,), jnp.float32),
         count=jnp.asarray(0, jnp.int32),
         step=jnp.asarray(0, jnp.int32),
+        prompt_failed=jnp.ones((num_examples if cfg.per_prompt else 1,), jnp.bool_),
     )
 
 
@@ -143,14 +189,21 @@ def _push(history: jax.Array, count: jax.Array, reward: jax.Array) -> jax.Array:
     return history.at[count % history.shape[0]].set(reward)
 
 
-def _update_paper(state: GuidanceState, r: jax.Array, cfg: GuidanceConfig) -> GuidanceState:
-    T = cfg.history_size
+def _trend(state: GuidanceState, r: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(do, mean of the previous m rewards, r_k or 1 where the rule does not apply): the paper rule
+    scales by mean / r_k when ``do``. Kept apart, not as one factor, so ``x * mean / r`` rounds as
+    the reference's Python expression does."""
+    T = state.history.shape[0]
     m = jnp.minimum(state.count, T)  # = min(T, k - 1) when one reward is recorded per step
     # While count < T the valid entries are slots 0..count-1; afterwards every slot is valid.
     valid = jnp.arange(T) < m
     mean_prev = jnp.sum(jnp.where(valid, state.history, 0.0)) / jnp.maximum(m, 1).astype(jnp.float32)
     do = (m >= 1) & (r > 0) & (mean_prev > 0)
-    safe_r = jnp.where(do, r, 1.0)
+    return do, mean_prev, jnp.where(do, r, 1.0)
+
+
+def _update_paper(state: GuidanceState, r: jax.Array, cfg: GuidanceConfig) -> GuidanceState:
+    do, mean_prev, safe_r = _trend(state, r)
     proposed = _floor_ratio(state.length.astype(jnp.float32) * mean_prev / safe_r)
     proposed = jnp.clip(proposed, cfg.min_length, cfg.max_length).astype(jnp.int32)  # clip in float: no overflow
     length = jnp.where(do, proposed, state.length)
@@ -201,7 +254,15 @@ def update_guidance(state: GuidanceState, reward, cfg: GuidanceConfig) -> Guidan
     if cfg.rule not in RULES:
         raise ValueError(f"guidance.rule must be one of {list(RULES)}, got {cfg.rule!r}")
     r = jnp.asarray(reward, jnp.float32)
+    new = _update_length(state, r, cfg)
+    if cfg.ratio_schedule == "adaptive":
+        do, mean_prev, safe_r = _trend(state, r)  # the buffer before this step's reward was pushed
+        alpha = jnp.clip(state.ratio * mean_prev / safe_r, cfg.min_ratio, cfg.max_ratio)
+        new = new.replace(ratio=jnp.where(do, alpha, state.ratio).astype(jnp.float32))
+    return new
 
+
+def _update_length(state: GuidanceState, r: jax.Array, cfg: GuidanceConfig) -> GuidanceState:
     if cfg.schedule == "adaptive":
         if cfg.rule == "paper":
             return _update_paper(state, r, cfg)
@@ -231,12 +292,14 @@ def num_guided(ratio, num_generations: int) -> jax.Array:
     return jnp.clip(k, 0, num_generations).astype(jnp.int32)
 
 
-def guide_lengths(state: GuidanceState, trace_lengths, num_generations: int) -> jax.Array:
+def guide_lengths(state: GuidanceState, trace_lengths, num_generations: int, example_idx=None) -> jax.Array:
     """Per rollout row prefix length, int32 [B].
 
     ``trace_lengths``: int [B], the tokenized guidance-trace length of each row's prompt (rows of one
     group contiguous, B = num_prompts * G). Row i gets ``min(L, trace_lengths[i])`` when
     ``i % G < num_guided(state.ratio, G)`` and 0 otherwise (no pad tokens: a short trace is used whole).
+    With ``example_idx`` (int [B], each row's training-example index; pass it iff ``per_prompt``) only
+    rows whose example's ``prompt_failed`` entry is True are guided.
     """
     trace_lengths = jnp.asarray(trace_lengths, jnp.int32)
     B = trace_lengths.shape[0]
@@ -244,5 +307,21 @@ def guide_lengths(state: GuidanceState, trace_lengths, num_generations: int) -> 
         raise ValueError(f"trace_lengths has {B} rows, not a multiple of num_generations={num_generations}")
     k = num_guided(state.ratio, num_generations)
     guided = (jnp.arange(B) % num_generations) < k
+    if example_idx is not None:
+        guided = guided & state.prompt_failed[jnp.asarray(example_idx, jnp.int32)]
     L = jnp.maximum(state.length, 0)
     return jnp.where(guided, jnp.minimum(L, jnp.maximum(trace_lengths, 0)), 0).astype(jnp.int32)
+
+
+def record_outcomes(state: GuidanceState, example_idx, correct, guide_len, num_generations: int) -> GuidanceState:
+    """Per-prompt table update (``per_prompt``): for each group of G rows (one training example,
+    ``example_idx`` int [B]), set ``prompt_failed`` to whether all its unguided rows (``guide_len == 0``)
+    have ``correct <= 0``. A group with no unguided row leaves its entry unchanged. jit-able."""
+    example_idx = jnp.asarray(example_idx, jnp.int32).reshape(-1, num_generations)
+    unguided = (jnp.asarray(guide_len) == 0).reshape(-1, num_generations)
+    solved = (jnp.asarray(correct, jnp.float32) > 0).reshape(-1, num_generations)
+    any_unguided = unguided.any(axis=1)
+    all_failed = ~(solved & unguided).any(axis=1)
+    idx = example_idx[:, 0]
+    current = state.prompt_failed[idx]
+    return state.replace(prompt_failed=state.prompt_failed.at[idx].set(jnp.where(any_unguided, all_failed, current)))

@@ -12,8 +12,9 @@ against step, one line per method, mean over seeds).
 - Every run is evaluated on the same held-out problems: the sweep refuses configs whose resolved
   `data` or `eval` sections differ. It warns when the RL configs' rollout budgets
   (prompts_per_step x num_generations x max_steps) differ.
-- `--max-steps N` sets `train.max_steps=N` for every config with RL steps (an SFT-only config with
-  `train.max_steps: 0` keeps 0).
+- `--max-steps N` sets `train.max_steps=N` for every config with RL steps; an SFT-only config
+  (`train.max_steps: 0`) keeps 0 and gets `warm_start.steps` = default.yaml's warm-start steps plus
+  one SFT step per batch of N x prompts x rollouts, the same budget as an N-step RL run.
 - Resumable: a run whose `summary.json` exists (written only when a run completes) is skipped, unless
   the `config.yaml` saved in it differs from the config the sweep would run now (then it is rerun).
   A run stopped part-way (Ctrl-C / SIGTERM save a checkpoint) with the same settings continues from
@@ -43,7 +44,8 @@ from typing import Optional
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIGS = ("grpo", "guided_fixed", "linear_decay", "g2rpo_a", "g2rpo_a_reference", "sft", "clip_higher")
+DEFAULT_CONFIGS = ("grpo", "guided_fixed", "linear_decay", "g2rpo_a", "g2rpo_a_reference", "sft", "clip_higher",
+                   "g2rpo_a_adaptive_ratio", "g2rpo_a_per_prompt", "g2rpo_a_dynamic_sampling")
 ZERO_STD_STEPS = 20  # frac_reward_zero_std is averaged over RL steps 1..ZERO_STD_STEPS
 # Keys of the run's config that the sweep sets itself, and keys that do not change results.
 _SWEEP_KEYS = ("train.seed", "train.output_dir", "train.progress")
@@ -90,9 +92,24 @@ def run_overrides(path: Path, seed: int, out: Path, overrides: list[str], max_st
     from g2rpo_jax.config import load_config
 
     extra = []
-    if max_steps is not None and load_config(str(path), overrides).train.max_steps > 0:
-        extra.append(f"train.max_steps={max_steps}")
+    if max_steps is not None:
+        cfg = load_config(str(path), overrides)
+        if cfg.train.max_steps > 0:
+            extra.append(f"train.max_steps={max_steps}")
+        elif cfg.warm_start.enabled:
+            extra.append(f"warm_start.steps={sft_steps_at_equal_budget(cfg, max_steps, overrides)}")
     return [*overrides, *extra, f"train.seed={seed}", f"train.output_dir={out}", "train.progress=false"]
+
+
+def sft_steps_at_equal_budget(sft_cfg, rl_steps: int, overrides: list[str]) -> int:
+    """SFT steps for an SFT-only config matching an RL run of `rl_steps` steps of default.yaml: its
+    warm-start steps plus one SFT step per `warm_start.batch_size` rollouts of RL (configs/sft.yaml
+    states the same rule for the default 300 steps)."""
+    from g2rpo_jax.config import load_config
+
+    rl = load_config(str(resolve_config_path("default")), overrides)
+    rollouts = rl_steps * rl.rollout.prompts_per_step * rl.rollout.num_generations
+    return rl.warm_start.steps + math.ceil(rollouts / sft_cfg.warm_start.batch_size)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -249,6 +266,8 @@ def run_stats(rows: list[dict]) -> dict:
         "final_step": max(acc) if acc else None,
         "zero_std_first": sum(zero) / len(zero) if zero else None,
         "rl_steps": max((int(r["step"]) for r in rows), default=0),
+        # every rollout generated, dropped ones included (dynamic sampling draws extra batches)
+        "rollouts": sum(int(r.get("rollouts/generated", 0)) for r in rows),
     }
 
 
@@ -312,8 +331,8 @@ def build_table(methods: dict, baseline: Optional[str] = "grpo") -> str:
     """The markdown table (and a differences-vs-baseline table) for `collect`'s result."""
     lines = [
         "| method | seeds | final held-out accuracy, mean ± std | min | max | per seed | step-0 accuracy (mean) "
-        f"| frac_reward_zero_std, steps 1-{ZERO_STD_STEPS} (mean) | final step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| frac_reward_zero_std, steps 1-{ZERO_STD_STEPS} (mean) | final step | RL rollouts generated (mean) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = {}
     for label, m in methods.items():
@@ -333,7 +352,8 @@ def build_table(methods: dict, baseline: Optional[str] = "grpo") -> str:
         lines.append(
             f"| {label} | {seed_text} | {acc_text} | {_f(min(finals) if finals else None)} | "
             f"{_f(max(finals) if finals else None)} | {per_seed} | {_f(mean_std(step0)[0])} | "
-            f"{_f(mean_std(zero)[0])} | {', '.join(str(s) for s in steps) or 'n/a'} |")
+            f"{_f(mean_std(zero)[0])} | {', '.join(str(s) for s in steps) or 'n/a'} | "
+            f"{_f(mean_std([runs[s]['stats']['rollouts'] for s in seeds])[0], 0)} |")
     lines += ["", "Std is the sample standard deviation over seeds (n-1 in the denominator). Final accuracy is "
               "the last evaluation of each run (greedy decoding, no guidance, the same held-out problems for "
               f"every run); step 0 is the model before RL. frac_reward_zero_std is the fraction of groups whose "

@@ -33,11 +33,13 @@ from g2rpo_jax.models import init_model
 from g2rpo_jax.models.transformer import count_params
 from g2rpo_jax.rewards import combine_rewards, get_reward_funcs
 from g2rpo_jax.plan import detect_device_memory, fit_warning, format_bytes, memory_plan
-from g2rpo_jax.rollout import SamplingParams, complete_prompts, decode_texts
+from g2rpo_jax.rollout import Rollout, SamplingParams, complete_prompts, decode_texts
 from g2rpo_jax.sharding import (Placement, abstract_like, check_batch, gather_host, global_batch,
                                 maybe_initialize_distributed, process_rows, shard_state, sync_processes, to_host,
                                 tree_shardings)
-from g2rpo_jax.train_step import TrainState, learning_rate_schedule, make_optimizer, make_rollout_fn, make_update_fn
+from g2rpo_jax.dynamic_sampling import choose_groups, enough_groups, group_rows, groups_with_spread, take_rows
+from g2rpo_jax.train_step import (TrainState, learning_rate_schedule, make_optimizer, make_record_fn, make_rollout_fn,
+                                  make_update_fn)
 from g2rpo_jax.warm_start import warm_start
 
 log = logging.getLogger("g2rpo_jax")
@@ -122,13 +124,75 @@ def should_eval(step: int, cfg: Config) -> bool:
     return step == 0 or step == cfg.train.max_steps or (every > 0 and step % every == 0)
 
 
-def score(tokenizer, rollout, answers: list[str], reward_names: list[str], weights):
-    """Host side: decode completions, run each reward function, combine with weights.
+def score(tokenizer, rollout, answers: list[str], reward_names: list[str], weights, rows: slice = slice(None)):
+    """Host side: decode completions, run each reward function on `rows` (this process's share of
+    the batch, see sharding.process_rows), combine with weights.
 
-    Returns (combined rewards, {name: per-function rewards}, decoded texts)."""
+    Returns (combined rewards of `rows`, {name: per-function rewards of `rows`}, decoded texts of
+    every row: decoding is cheap, rewards may run programs)."""
     texts = decode_texts(tokenizer, rollout)
-    per_func = np.array([fn(texts, answers) for fn in get_reward_funcs(reward_names)], dtype=np.float32)
+    per_func = np.array([fn(texts[rows], answers[rows]) for fn in get_reward_funcs(reward_names)], dtype=np.float32)
     return combine_rewards(per_func, weights).astype(np.float32), dict(zip(reward_names, per_func)), texts
+
+
+@dataclasses.dataclass
+class StepRollouts:
+    """The rollouts of one optimizer step, scored: the rows the update trains on, plus counts over
+    every rollout generated for the step (more than the update's rows with dynamic sampling)."""
+
+    rollout: Rollout
+    idx: np.ndarray  # [B] training-example index of each row
+    glen: np.ndarray  # [B] guidance prefix length of each row
+    rewards: np.ndarray  # [B] combined reward
+    parts: dict  # reward function name -> [B]
+    texts: list
+    signal: float  # guidance-controller signal: mean of that reward over every generated rollout
+    num_rollouts: int
+    num_gen_batches: int
+    num_generated_tokens: int
+
+
+_ROLLOUT_ROWS = ("tokens", "positions", "attention_mask", "completion_mask", "guidance_mask", "completion_length",
+                 "num_generated")
+
+
+def collect_rollouts(state, rollout_fn, record_fn, iterator, ds: TokenizedDataset, tok, cfg: Config, weights,
+                     placement: Placement):
+    """Draw prompt batches, roll out and score them (host side), update the per-prompt table, and
+    keep the groups of the update (all of one batch, or with rollout.dynamic_sampling the groups with
+    a reward spread). Returns (state, StepRollouts)."""
+    r, g = cfg.rollout, cfg.rollout.num_generations
+    signal_name = cfg.reward.controller_signal
+    draws, spreads = [], []
+    for _ in range(r.max_num_gen_batches if r.dynamic_sampling else 1):
+        idx = np.repeat(iterator.next_indices(), g)  # G consecutive rows per prompt
+        # each process feeds and scores only the rows that live on its devices; rewards are gathered
+        mine, n = process_rows(placement.batch, len(idx)), len(idx)
+        inputs = global_batch({"ids": ds.prompt_ids[idx[mine]], "mask": ds.prompt_mask[idx[mine]],
+                               "guide": ds.guide_ids[idx[mine]], "len": ds.guide_len[idx[mine]], "idx": idx[mine]},
+                              placement.batch, n)
+        state, ro, glen = rollout_fn(state, *inputs.values())
+        ro, glen = jax.tree.map(to_host, ro), to_host(glen)
+        rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], cfg.reward.reward_funcs, weights, mine)
+        rewards, parts = gather_host(rewards, mine, n), {k: gather_host(v, mine, n) for k, v in parts.items()}
+        if cfg.guidance.per_prompt:
+            state = state.replace(guidance=record_fn(state.guidance, idx, parts[signal_name], glen))
+        draws.append(dict(rollout=ro, idx=idx, glen=np.asarray(glen), rewards=rewards, parts=parts, texts=texts))
+        spreads.append(groups_with_spread(rewards, g))
+        if enough_groups(spreads, r.prompts_per_step):
+            break
+    counts = dict(signal=float(np.concatenate([d["parts"][signal_name] for d in draws]).mean()),
+                  num_rollouts=sum(len(d["idx"]) for d in draws), num_gen_batches=len(draws),
+                  num_generated_tokens=int(sum(np.asarray(d["rollout"].num_generated).sum() for d in draws)))
+    if not r.dynamic_sampling:
+        return state, StepRollouts(**draws[0], **counts)
+    rows = group_rows(choose_groups(spreads, r.prompts_per_step), g)
+    ro = draws[0]["rollout"]._replace(**{f: take_rows([getattr(d["rollout"], f) for d in draws], rows)
+                                         for f in _ROLLOUT_ROWS})
+    kept = {k: take_rows([d[k] for d in draws], rows) for k in ("idx", "glen", "rewards")}
+    parts = {name: take_rows([d["parts"][name] for d in draws], rows) for name in draws[0]["parts"]}
+    texts = [draws[b]["texts"][i] for b, rr in rows for i in rr]
+    return state, StepRollouts(rollout=ro, parts=parts, texts=texts, **kept, **counts)
 
 
 def clipped_ratio(rollout, eos_id: int) -> float:
@@ -243,7 +307,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     if cfg.train.resume == "auto":
         ckpt = TrainCheckpointer(out_dir, cfg.checkpoint.max_to_keep)
         state_like = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": jax.eval_shape(optimizer.init, params),
-                      "guidance": jax.eval_shape(lambda: init_guidance_state(guidance_cfg)),
+                      "guidance": jax.eval_shape(lambda: init_guidance_state(guidance_cfg, len(task.train))),
                       "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
         try:
             # restored straight into the target shardings (each process reads only its pieces)
@@ -272,7 +336,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
         state = TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
             # A separate copy: the update donates the state's buffers, and the reference stays frozen.
-            ref_params=jax.tree.map(jnp.copy, params), guidance=init_guidance_state(guidance_cfg),
+            ref_params=jax.tree.map(jnp.copy, params), guidance=init_guidance_state(guidance_cfg, len(task.train)),
             rng=jax.random.PRNGKey(cfg.train.seed))
         ckpt.save_reference(state.ref_params)  # the initial policy, once: every resume restores it
     else:
@@ -294,7 +358,9 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     sampling = SamplingParams(max_new_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k)
     rollout_fn = make_rollout_fn(graphdef, sampling, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                 num_generations=g, placement=placement, state_shardings=state_shardings)
+                                 num_generations=g, per_prompt=guidance_cfg.per_prompt, placement=placement,
+                                 state_shardings=state_shardings)
+    record_fn = make_record_fn(g, guidance_sharding=state_shardings.guidance)
     loss_kwargs = dict(loss_type=lc.loss_type, beta=lc.beta, epsilon_low=lc.epsilon,
                        epsilon_high=lc.epsilon if lc.epsilon_high is None else lc.epsilon_high,
                        kl_estimator=lc.kl_estimator, guidance_loss=lc.guidance_loss,
@@ -339,36 +405,27 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
             ds = task.train
             for step in range(start + 1, cfg.train.max_steps + 1):
                 t0 = time.perf_counter()
-                idx = np.repeat(iterator.next_indices(), g)  # G consecutive rows per prompt
-                # each process loads and scores only the rows that live on its devices
-                mine = process_rows(placement.batch, len(idx))
-                length_used = int(state.guidance.length)
-                inputs = global_batch({"ids": ds.prompt_ids[idx[mine]], "mask": ds.prompt_mask[idx[mine]],
-                                       "guide": ds.guide_ids[idx[mine]], "len": ds.guide_len[idx[mine]]},
-                                      placement.batch, len(idx))
-                state, ro_dev, glen = rollout_fn(state, inputs["ids"], inputs["mask"], inputs["guide"], inputs["len"])
-                ro = jax.tree.map(to_host, ro_dev)
-                rewards, parts, texts = score(tok, jax.tree.map(lambda a: a[mine] if np.ndim(a) else a, ro),
-                                              [ds.answers[i] for i in idx[mine]], reward_names, weights)
-                rewards = gather_host(rewards, mine, len(idx))
-                parts = {k: gather_host(v, mine, len(idx)) for k, v in parts.items()}
-                signal_value = float(parts[cfg.reward.controller_signal].mean())
-                batch = {k: getattr(ro_dev, k) for k in ("tokens", "positions", "attention_mask", "completion_mask",
-                                                         "guidance_mask")}
+                length_used, ratio_used = int(state.guidance.length), float(state.guidance.ratio)
+                state, got = collect_rollouts(state, rollout_fn, record_fn, iterator, ds, tok, cfg, weights, placement)
+                ro, idx, glen, rewards, parts, texts = got.rollout, got.idx, got.glen, got.rewards, got.parts, got.texts
+                mine = process_rows(placement.batch, len(idx))  # host rows -> global arrays on the mesh
+                batch = global_batch({k: np.asarray(getattr(ro, k))[mine] for k in (
+                    "tokens", "positions", "attention_mask", "completion_mask", "guidance_mask")}, placement.batch, len(idx))
                 state, m = update_fn(state, batch, global_batch({"r": rewards[mine]}, placement.batch, len(idx))["r"],
-                                     shard_state(np.float32(signal_value), placement.replicated))
+                                     shard_state(np.float32(got.signal), placement.replicated))
                 m = jax.device_get(m)
-                glen = to_host(glen)
                 guided = glen > 0
                 dt = time.perf_counter() - t0
                 row = {"step": step, **{k: v for k, v in m.items()}}
                 row.update({
                     "reward/guided": split_mean(rewards, guided), "reward/unguided": split_mean(rewards, ~guided),
-                    "guidance/length": length_used, "guidance/ratio": float(state.guidance.ratio),
+                    "guidance/length": length_used, "guidance/ratio": ratio_used,
                     "guidance/mean_prefix_tokens": float(glen[guided].mean()) if guided.any() else 0.0,
+                    "guidance/frac_rows_guided": float(guided.mean()),
                     "completions/mean_length": float(np.asarray(ro.completion_length).mean()),
                     "completions/clipped_ratio": clipped_ratio(ro, tok.eos_token_id),
-                    "tokens_per_sec": float(np.asarray(ro.num_generated).sum()) / dt, "time/step": dt,
+                    "rollouts/generated": got.num_rollouts, "rollouts/gen_batches": got.num_gen_batches,
+                    "tokens_per_sec": got.num_generated_tokens / dt, "time/step": dt,
                 })
                 for name, values in parts.items():
                     row[f"rewards/{name}/mean"] = float(values.mean())
@@ -377,8 +434,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
                 last = writer.write(row)
                 every_c = cfg.train.log_completions_every
                 if every_c and step % every_c == 0:
-                    sample = sample_completions(step, [ds.examples[i].prompt for i in idx[mine]], texts,
-                                                rewards[mine], glen[mine])
+                    sample = sample_completions(step, [ds.examples[i].prompt for i in idx], texts, rewards, glen)
                     with open(completions_path, "a") as f:
                         f.writelines(json.dumps(s) + "\n" for s in sample)
                     log.info("step %d completions:\n%s", step, completions_table(sample))

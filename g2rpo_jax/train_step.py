@@ -9,6 +9,7 @@ arbitrary Python over decoded text.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, update_guidance
+from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, record_outcomes, update_guidance
 from g2rpo_jax.loss import group_advantages, policy_loss, token_log_probs
 from g2rpo_jax.models import forward
 from g2rpo_jax.rollout import Rollout, SamplingParams, generate
@@ -60,14 +61,15 @@ def sequence_log_probs(graphdef, params, tokens, positions, attention_mask):
 
 
 def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int,
-                    placement: Placement | None = None, state_shardings=None):
-    """(state, prompt batch repeated G times) -> (state with new rng, Rollout, per-row guide lengths).
+                    per_prompt: bool = False, placement: Placement | None = None, state_shardings=None):
+    """(state, prompt batch repeated G times, each row's example index) -> (state with new rng,
+    Rollout, per-row guide lengths). `per_prompt` guides only examples marked in the guidance
+    state's per-prompt table. With a `placement` (and the state's shardings): rows sharded over
+    (data, fsdp), the state donated."""
 
-    With a `placement` (and the state's shardings): rows sharded over (data, fsdp), the state donated."""
-
-    def rollout(state: TrainState, prompt_ids, prompt_mask, guide_ids, trace_len):
+    def rollout(state: TrainState, prompt_ids, prompt_mask, guide_ids, trace_len, example_idx):
         rng, key = jax.random.split(state.rng)
-        glen = guide_lengths(state.guidance, trace_len, num_generations)
+        glen = guide_lengths(state.guidance, trace_len, num_generations, example_idx if per_prompt else None)
         out = generate(graphdef, state.params, prompt_ids, prompt_mask, guide_ids, glen, key,
                        sampling=sampling, eos_id=eos_id, pad_id=pad_id)
         return state.replace(rng=rng), out, glen
@@ -76,8 +78,15 @@ def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: 
         return jax.jit(rollout)
     rows, rep = placement.batch, placement.replicated
     out_rollout = Rollout(*([rows] * (len(Rollout._fields) - 1)), context_length=rep)
-    return jit_on_mesh(rollout, placement.mesh, in_shardings=(state_shardings, rows, rows, rows, rows),
+    return jit_on_mesh(rollout, placement.mesh, in_shardings=(state_shardings, rows, rows, rows, rows, rows),
                        out_shardings=(state_shardings, out_rollout, rows), donate_argnums=(0,))
+
+
+def make_record_fn(num_generations: int, guidance_sharding=None):
+    """(guidance state, example idx, per-row correctness, guide lengths) -> guidance state with the
+    per-prompt table updated (guidance.per_prompt); placed as `guidance_sharding` when given."""
+    return jax.jit(functools.partial(record_outcomes, num_generations=num_generations),
+                   out_shardings=guidance_sharding)
 
 
 def group_reward_stats(rewards, num_generations: int) -> dict:

@@ -40,7 +40,7 @@ def prompts():
     mask[1, :2] = False  # a left-padded prompt
     guide = rng.integers(3, MODEL.vocab_size, size=(PROMPTS, GMAX)).astype(np.int32)
     rep = lambda a: np.repeat(a, G, axis=0)  # noqa: E731
-    return rep(ids), rep(mask), rep(guide), np.full((PROMPTS * G,), GMAX, np.int32)
+    return rep(ids), rep(mask), rep(guide), np.full((PROMPTS * G,), GMAX, np.int32), rep(np.arange(PROMPTS))
 
 
 def host_reward(tokens: np.ndarray, completion_mask: np.ndarray) -> np.ndarray:
@@ -69,19 +69,20 @@ def run(placement: Placement | None, steps: int = STEPS):
                                loss_kwargs=dict(loss_type="grpo", beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
                                                 kl_estimator="k3", guidance_loss="train", importance_gamma=0.1),
                                **kw)
-    ids, mask, guide, glen = prompts()
+    ids, mask, guide, glen, example = prompts()
     n = len(ids)
     losses, rewards_seen = [], []
     for _ in range(steps):
         if placement is None:
-            state, ro, _ = rollout_fn(state, ids, mask, guide, glen)
+            state, ro, _ = rollout_fn(state, ids, mask, guide, glen, example)
             rewards = host_reward(np.asarray(ro.tokens), np.asarray(ro.completion_mask))
             state, m = update_fn(state, {k: getattr(ro, k) for k in BATCH_KEYS}, jnp.asarray(rewards),
                                  jnp.float32(rewards.mean()))
         else:  # the train loop's path: each process feeds and scores only its own rows
             mine = process_rows(placement.batch, n)
-            inp = global_batch({"i": ids[mine], "m": mask[mine], "g": guide[mine], "l": glen[mine]}, placement.batch, n)
-            state, ro, _ = rollout_fn(state, inp["i"], inp["m"], inp["g"], inp["l"])
+            inp = global_batch({"i": ids[mine], "m": mask[mine], "g": guide[mine], "l": glen[mine], "x": example[mine]},
+                               placement.batch, n)
+            state, ro, _ = rollout_fn(state, *inp.values())
             tokens, cmask = to_host(ro.tokens), to_host(ro.completion_mask)
             rewards = gather_host(host_reward(tokens[mine], cmask[mine]), mine, n)
             state, m = update_fn(state, {k: getattr(ro, k) for k in BATCH_KEYS},

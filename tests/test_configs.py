@@ -59,6 +59,10 @@ def test_configs_set_what_their_method_changes():
     assert (cfg["g2rpo_a"].guidance.schedule, cfg["g2rpo_a"].guidance.rule) == ("adaptive", "paper")
     assert (cfg["g2rpo_a_reference"].guidance.schedule, cfg["g2rpo_a_reference"].guidance.rule) == ("adaptive",
                                                                                                   "reference")
+    ratio = cfg["g2rpo_a_adaptive_ratio"].guidance
+    assert ratio.ratio_schedule == "adaptive" and ratio.min_ratio < ratio.ratio < ratio.max_ratio
+    assert cfg["g2rpo_a_per_prompt"].guidance.per_prompt
+    assert cfg["g2rpo_a_dynamic_sampling"].rollout.dynamic_sampling
     sft = cfg["sft"]
     assert sft.train.max_steps == 0
     # SFT on the RL methods' traces: the same difficulty range as the RL training problems
@@ -133,6 +137,10 @@ def test_config_runs_one_step(name, tmp_runs):
     assert int(result["state"].step) == 1
     row = rows[1]
     assert 0.0 <= row["reward"] <= 1.0 and "frac_reward_zero_std" in row
+    # every rollout the step generated is counted; dynamic sampling may draw several batches
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.num_generations
+    assert row["rollouts/generated"] == batch * row["rollouts/gen_batches"]
+    assert 1 <= row["rollouts/gen_batches"] <= (cfg.rollout.max_num_gen_batches if cfg.rollout.dynamic_sampling else 1)
     if cfg.guidance.ratio == 0:
         assert row["guidance/mean_prefix_tokens"] == 0.0  # no guided rollout
     else:

@@ -12,6 +12,7 @@ from g2rpo_jax.guidance import (
     GuidanceState,
     guide_lengths,
     init_guidance_state,
+    record_outcomes,
     num_guided,
     update_guidance,
 )
@@ -231,8 +232,11 @@ def test_guide_lengths():
 def test_state_is_pytree_with_dtypes():
     s = init_guidance_state(GuidanceConfig(history_size=3))
     leaves = jax.tree_util.tree_leaves(s)
-    assert len(leaves) == 5
+    assert len(leaves) == 6
     assert isinstance(s, GuidanceState)
+    assert s.prompt_failed.dtype == jnp.bool_ and s.prompt_failed.shape == (1,)  # unused without per_prompt
+    table = init_guidance_state(GuidanceConfig(per_prompt=True), num_examples=7).prompt_failed
+    assert table.shape == (7,) and bool(table.all())  # never drawn counts as failed
     assert s.length.dtype == jnp.int32 and s.count.dtype == jnp.int32 and s.step.dtype == jnp.int32
     assert s.ratio.dtype == jnp.float32 and s.history.dtype == jnp.float32 and s.history.shape == (3,)
 
@@ -259,3 +263,65 @@ def test_config_validation_lists_choices():
     with pytest.raises(ValueError, match="fixed.*linear_decay.*cosine.*adaptive"):
         GuidanceConfig(schedule="bad").validate()
     GuidanceConfig().validate()  # defaults are valid
+
+
+# ---------------------------------------------------------------- SPEC section 6 extensions
+
+
+def test_adaptive_ratio_follows_the_paper_rule_by_hand():
+    cfg = GuidanceConfig(schedule="fixed", initial_length=8, max_length=8, ratio=0.5, ratio_schedule="adaptive",
+                         min_ratio=0.125, max_ratio=0.75)
+    s = init_guidance_state(cfg)
+    ratios = []
+    for r in [0.2, 0.4, 0.2, 0.1, 0.0, 0.05]:
+        s = update_guidance(s, r, cfg)
+        ratios.append(float(s.ratio))
+    # step 1: no history -> 0.5; step 2: 0.5*0.2/0.4 = 0.25; step 3: mean(0.2,0.4)/0.2 = 1.5 -> 0.375;
+    # step 4: mean(0.4,0.2)/0.1 = 3 -> 1.125 clipped to 0.75; step 5: r=0 -> unchanged;
+    # step 6: mean(0.1, 0.0)/0.05 = 1 -> 0.75 (the ring holds the last T=2 rewards, 0 included).
+    assert np.allclose(ratios, [0.5, 0.25, 0.375, 0.75, 0.75, 0.75], atol=1e-6)
+    assert int(s.length) == 8  # the length schedule is untouched
+
+
+def test_adaptive_ratio_lower_clip_and_guided_rows():
+    cfg = GuidanceConfig(schedule="fixed", initial_length=4, max_length=4, ratio=0.5, ratio_schedule="adaptive",
+                         min_ratio=0.25, max_ratio=1.0)
+    s = update_guidance(update_guidance(init_guidance_state(cfg), 0.1, cfg), 0.8, cfg)  # 0.5 * 0.1/0.8
+    assert float(s.ratio) == pytest.approx(0.25)
+    assert int(num_guided(s.ratio, 8)) == 2
+
+
+def test_adaptive_ratio_rejects_reference_rule_and_out_of_range_ratio():
+    with pytest.raises(ValueError, match="guidance.rule=paper"):
+        GuidanceConfig(ratio_schedule="adaptive", schedule="adaptive", rule="reference").validate()
+    with pytest.raises(ValueError, match="guidance.min_ratio"):
+        GuidanceConfig(ratio_schedule="adaptive", ratio=0.1, min_ratio=0.2).validate()
+
+
+def test_per_prompt_guides_only_failed_examples():
+    cfg = GuidanceConfig(schedule="fixed", initial_length=5, max_length=5, ratio=0.5, per_prompt=True)
+    s = init_guidance_state(cfg, num_examples=4)
+    G = 4
+    example_idx = np.repeat([2, 0], G)
+    trace = np.full((2 * G,), 9)
+    glen = guide_lengths(s, trace, G, example_idx)
+    assert glen.tolist() == [5, 5, 0, 0, 5, 5, 0, 0]  # all unknown -> guided like plain G2RPO-A
+    # example 2: an unguided row solved it; example 0: both unguided rows failed (a guided success
+    # does not count).
+    correct = np.array([1, 1, 0, 1, 1, 0, 0, 0], np.float32)
+    s = record_outcomes(s, example_idx, correct, glen, G)
+    assert s.prompt_failed.tolist() == [True, True, False, True]
+    glen = guide_lengths(s, trace, G, example_idx)
+    assert glen.tolist() == [0, 0, 0, 0, 5, 5, 0, 0]
+    # example 2 fails again unguided (all 4 rows unguided now) -> guided next time
+    s = record_outcomes(s, example_idx, np.zeros(8, np.float32), glen, G)
+    assert s.prompt_failed.tolist() == [True, True, True, True]
+
+
+def test_record_outcomes_keeps_entry_without_unguided_rows():
+    cfg = GuidanceConfig(schedule="fixed", initial_length=5, max_length=5, ratio=1.0, per_prompt=True)
+    s = init_guidance_state(cfg, num_examples=2)
+    s = s.replace(prompt_failed=jnp.array([False, True]))
+    glen = jnp.array([3, 3, 3, 3], jnp.int32)  # ratio 1: every row guided
+    s = record_outcomes(s, np.array([0, 0, 1, 1]), np.zeros(4, np.float32), glen, 2)
+    assert s.prompt_failed.tolist() == [False, True]

@@ -1,4 +1,4 @@
-"""Tests for the NNX decoder: norms, RoPE, masking, cache, variants, optional HF parity."""
+"""Tests for the NNX decoder: norms, RoPE, masking, cache, variants."""
 
 import dataclasses
 
@@ -204,72 +204,4 @@ def test_variant_parameter_structure():
     assert count_params(p3) == n_tied + 32 * V
 
 
-# ---------------------------------------------------------------------------- HF parity (optional)
-def _to_torch_state(params, cfg):
-    import torch
-
-    def t(x):
-        return torch.from_numpy(np.array(x[...], dtype=np.float32))
-
-    sd = {"model.embed_tokens.weight": t(params["embed_tokens"]["embedding"]),
-          "model.norm.weight": t(params["norm"]["weight"])}
-    for i in range(cfg.num_hidden_layers):
-        L = params["layers"][i]
-        pre = f"model.layers.{i}."
-        sd[pre + "input_layernorm.weight"] = t(L["input_layernorm"]["weight"])
-        sd[pre + "post_attention_layernorm.weight"] = t(L["post_attention_layernorm"]["weight"])
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[pre + f"self_attn.{n}.weight"] = t(L["self_attn"][n]["kernel"]).T.contiguous()
-            if "bias" in L["self_attn"][n]:
-                sd[pre + f"self_attn.{n}.bias"] = t(L["self_attn"][n]["bias"])
-        for n in ("q_norm", "k_norm"):
-            if n in L["self_attn"]:
-                sd[pre + f"self_attn.{n}.weight"] = t(L["self_attn"][n]["weight"])
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            sd[pre + f"mlp.{n}.weight"] = t(L["mlp"][n]["kernel"]).T.contiguous()
-    if "lm_head" in params:
-        sd["lm_head.weight"] = t(params["lm_head"]["kernel"]).T.contiguous()
-    else:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    return sd
-
-
-@pytest.mark.parametrize("model_type,extra", [
-    ("qwen2", {}),
-    ("qwen3", {"head_dim": 16, "tie_word_embeddings": False}),
-    ("llama", {"attention_bias": True}),
-])
-def test_parity_with_transformers(model_type, extra):
-    torch = pytest.importorskip("torch")
-    import transformers
-
-    cfg = ModelConfig(model_type=model_type, vocab_size=V, hidden_size=32, intermediate_size=48,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      rope_theta=1e4 if model_type != "qwen2" else 1e6, rms_norm_eps=1e-6,
-                      initializer_range=0.2, **extra)
-    g, p = init_model(cfg, 1)
-    # Perturb norm weights and biases away from their init so they are exercised.
-    key = jax.random.key(5)
-    p = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(key, x.shape) if x.ndim == 1 else x, p)
-
-    hf_cls = {"qwen2": (transformers.Qwen2Config, "Qwen2ForCausalLM"),
-              "qwen3": (transformers.Qwen3Config, "Qwen3ForCausalLM"),
-              "llama": (transformers.LlamaConfig, "LlamaForCausalLM")}[model_type]
-    hf_cfg = hf_cls[0](**cfg.to_hf_dict())
-    hf_cfg._attn_implementation = "eager"
-    hf = getattr(transformers, hf_cls[1])(hf_cfg).eval()
-    missing, unexpected = hf.load_state_dict(_to_torch_state(p, cfg), strict=False)
-    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
-
-    rng = np.random.default_rng(4)
-    T = 7
-    ids = rng.integers(0, V, size=(2, T)).astype(np.int32)
-    mask = np.ones((2, T), bool)
-    mask[1, :2] = False
-    pos = np.where(mask, np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-    with torch.no_grad():
-        ref = hf(input_ids=torch.from_numpy(ids.astype(np.int64)),
-                 attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                 position_ids=torch.from_numpy(pos.astype(np.int64))).logits.float().numpy()
-    got = np.asarray(_fwd(g, p, ids, pos, mask)[0])
-    np.testing.assert_allclose(got[mask], ref[mask], atol=1e-4, rtol=0)
+# HF parity (transformers' PyTorch models as the reference) lives in tests/test_hf_models.py.

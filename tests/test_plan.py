@@ -3,7 +3,6 @@
 import pytest
 
 from g2rpo_jax.config import ConfigError, load_config
-from g2rpo_jax.models import ModelConfig
 from g2rpo_jax.plan import main, memory_plan, parse_bytes
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
@@ -13,7 +12,10 @@ TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_
 
 
 def model_of(cfg):
-    return ModelConfig(**{**cfg.model.__dict__})
+    from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
+    from g2rpo_jax.train import resolve_model_config
+
+    return resolve_model_config(cfg, build_embedded_tokenizer())
 
 
 def test_parameter_and_kv_cache_bytes_by_hand():

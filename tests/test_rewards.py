@@ -62,7 +62,7 @@ def test_format_reward():
 
 
 def test_registry():
-    assert {"accuracy", "format", "code"} <= set(REWARD_FUNCS)
+    assert {"accuracy", "format", "code", "math_accuracy", "think_format"} <= set(REWARD_FUNCS)
     assert get_reward_funcs(["format", "accuracy"]) == [format_reward, accuracy_reward]
     with pytest.raises(ValueError, match=r"nope.*accuracy.*format"):
         get_reward_funcs(["accuracy", "nope"])

@@ -27,6 +27,7 @@ class TokenizedDataset:
     answers: list[str]
     difficulty: np.ndarray  # [N] int32
     examples: list  # the source Example objects
+    dropped: dict = dataclasses.field(default_factory=dict)  # reason -> rows skipped (on_error="skip")
 
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
@@ -55,15 +56,22 @@ def tokenize_examples(
     max_prompt_length: int,
     max_guidance_length: int,
     on_error: str = "raise",
+    system_prompt: str | None = None,
+    enable_thinking: bool | None = None,
+    warn: bool = True,
+    truncate_guidance: bool = False,
 ) -> TokenizedDataset:
     """Render, tokenize and pad ``examples`` (objects with ``prompt``, ``answer``, ``guidance``,
-    optional ``difficulty``).
+    optional ``difficulty``); prompts are rendered by `render_prompt` (``system_prompt``,
+    ``enable_thinking``).
 
     The guidance trace is tokenized once, in the assistant turn's context: ``encode(prompt +
     guidance)`` minus the prompt's tokens, which are the tokens the policy would produce after the
     assistant header. A row whose prompt or trace exceeds its limit is never truncated (a cut trace
-    would no longer end in the answer): ``on_error="raise"`` raises, ``"skip"`` drops it with one
-    warning.
+    would no longer end in the answer): ``on_error="raise"`` raises, ``"skip"`` drops it, counts it
+    in ``dropped`` and (``warn=True``) says so in one warning. ``truncate_guidance=True`` keeps the
+    first ``max_guidance_length`` tokens of a long trace instead, as the reference code does: a rollout
+    uses at most L <= guidance.max_length tokens of it anyway.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
@@ -77,7 +85,7 @@ def tokenize_examples(
         raise ValueError("no examples to tokenize: the dataset is empty")
     pad_id = _pad_id(tokenizer)
 
-    prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
+    prompts = [render_prompt(tokenizer, ex.prompt, system_prompt, enable_thinking) for ex in examples]
     guidances = [ex.guidance if ex.guidance is not None else "" for ex in examples]
     prompt_tok = _encode_batch(tokenizer, prompts)
     joint_tok = _encode_batch(tokenizer, [p + g for p, g in zip(prompts, guidances)])
@@ -110,6 +118,8 @@ def tokenize_examples(
                 )
             long_prompts.append(i)
             bad = True
+        if len(g) > max_guidance_length and truncate_guidance:
+            guide_tok[i] = g = g[:max_guidance_length]
         if len(g) > max_guidance_length:
             if on_error == "raise":
                 raise ValueError(
@@ -121,7 +131,9 @@ def tokenize_examples(
             bad = True
         if not bad:
             keep.append(i)
-    if len(keep) < len(examples):
+    dropped = {f"prompt over data.max_prompt_length={max_prompt_length}": len(long_prompts),
+               f"guidance over data.max_guidance_length={max_guidance_length}": len(long_traces)}
+    if len(keep) < len(examples) and warn:
         warnings.warn(
             f"tokenize_examples dropped {len(examples) - len(keep)} of {len(examples)} examples: "
             f"{len(long_prompts)} with a prompt longer than data.max_prompt_length={max_prompt_length}, "
@@ -159,6 +171,7 @@ def tokenize_examples(
         answers=[str(examples[i].answer) for i in keep],
         difficulty=difficulty,
         examples=[examples[i] for i in keep],
+        dropped={k: v for k, v in dropped.items() if v},
     )
 
 

@@ -56,8 +56,21 @@ def build_embedded_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def render_prompt(tokenizer, question: str) -> str:
-    """The question as a user turn, with the assistant turn opened (the text the policy continues)."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
+def render_prompt(tokenizer, question: str, system_prompt: str | None = None,
+                  enable_thinking: bool | None = None) -> str:
+    """The question as a user turn (after an optional system turn), with the assistant turn opened:
+    the text the policy continues.
+
+    ``enable_thinking`` is passed to the chat template only when set: Qwen3's template reads it
+    (``False`` pre-fills an empty ``<think>\\n\\n</think>\\n\\n`` block, so the model answers without
+    thinking); other templates ignore it.
+    """
+    if hasattr(tokenizer, "chat_template") and not tokenizer.chat_template:
+        raise ValueError(
+            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; use a chat/instruct "
+            "checkpoint or set tokenizer.chat_template (a base model's directory often lacks one)"
+        )
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": question})
+    extra = {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)

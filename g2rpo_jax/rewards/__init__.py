@@ -8,12 +8,16 @@ import numpy as np
 
 from g2rpo_jax.rewards.code import code_reward
 from g2rpo_jax.rewards.embedded import accuracy_reward, extract_final_answer, format_reward
+from g2rpo_jax.rewards.math import math_accuracy_reward, think_format_reward
+from g2rpo_jax.rewards.pool import ScoringPool
 
 RewardFn = Callable[..., list]
 
 REWARD_FUNCS: dict[str, RewardFn] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
+    "math_accuracy": math_accuracy_reward,
+    "think_format": think_format_reward,
     "code": code_reward,  # pass fraction of the problem's tests (answers: rewards/code.py's tests JSON)
 }
 
@@ -57,4 +61,7 @@ __all__ = [
     "extract_final_answer",
     "format_reward",
     "get_reward_funcs",
+    "math_accuracy_reward",
+    "ScoringPool",
+    "think_format_reward",
 ]

@@ -1,4 +1,4 @@
-"""`g2rpo <subcommand>`: train, evaluate, plot, sweep."""
+"""`g2rpo <subcommand>`: train, evaluate, plot, sweep, plan."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "evaluate": ("g2rpo_jax.evaluate", "evaluate a trained checkpoint on held-out problems"),
     "plot": ("g2rpo_jax.plot", "PNG plots of a run's metrics (reward, accuracy, L, KL)"),
     "sweep": ("g2rpo_jax.sweep", "run configs x seeds and write the replication table and plots"),
+    "plan": ("g2rpo_jax.plan", "memory per device for a config's model, batch and mesh; warns when it will not fit"),
 }
 
 USAGE = "usage: g2rpo {" + ",".join(SUBCOMMANDS) + "} [options]\n\n" + "\n".join(

@@ -14,12 +14,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from g2rpo_jax.errors import ConfigError
 from g2rpo_jax.guidance import GuidanceConfig
 from g2rpo_jax.models.config import ModelConfig
-
-
-class ConfigError(ValueError):
-    """A user error in the configuration; its message is one line naming the key and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,9 +175,17 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
+    """Device mesh (g2rpo_jax/sharding.py) and multi-host launch."""
+
     data: int = -1  # -1 = all remaining devices
-    fsdp: int = 1
-    tensor: int = 1
+    fsdp: int = 1  # parameters, gradients and optimizer state sharded over these devices (ZeRO-3)
+    tensor: int = 1  # attention heads, MLP and vocabulary dimensions split over these devices
+    # multi-process jax.distributed: auto = when coordinator_address is set (here or in
+    # JAX_COORDINATOR_ADDRESS) or a TPU pod / SLURM / MPI launch is detected; on; off
+    distributed: Literal["auto", "on", "off"] = "auto"
+    coordinator_address: Optional[str] = None  # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -364,6 +369,11 @@ def validate(cfg: Config) -> None:
               "data.num_train must be >= 1 (or -1 for every row, with data.source=hf, tfds or code_cot)")
         check(d.num_train == -1 or r.prompts_per_step <= d.num_train,
               "rollout.prompts_per_step must be <= data.num_train")
+    m = cfg.mesh
+    for axis in ("data", "fsdp", "tensor"):
+        size = getattr(m, axis)
+        check(size == -1 or size >= 1, f"mesh.{axis}={size}: give a positive size or -1 (all remaining devices)")
+    check([m.data, m.fsdp, m.tensor].count(-1) <= 1, "at most one of mesh.data/mesh.fsdp/mesh.tensor may be -1")
     w = cfg.reward
     from g2rpo_jax.rewards import REWARD_FUNCS  # here: the registry imports reward modules
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from g2rpo_jax import sharding
 from g2rpo_jax.models.transformer import forward, get_config, init_cache, lm_head_logits
 
 _NEG = -1e30
@@ -245,8 +246,8 @@ def generate(graphdef, params, prompt_ids, prompt_mask, guide_ids, guide_len, rn
 # ---------------------------------------------------------------------------- host helpers
 def completion_ids(rollout: Rollout, row_slice=None, drop_ids: Sequence[int] = ()) -> list[list[int]]:
     """Completion token ids per row (guidance prefix + generated), minus ``drop_ids``."""
-    toks = np.asarray(rollout.tokens)
-    mask = np.asarray(rollout.completion_mask)
+    toks = sharding.to_host(rollout.tokens)  # the full value, also when the rows span several processes
+    mask = sharding.to_host(rollout.completion_mask)
     if row_slice is not None:
         toks, mask = toks[row_slice], mask[row_slice]
     drop = np.asarray(list(drop_ids), dtype=toks.dtype)

@@ -31,9 +31,13 @@ from g2rpo_jax.guidance import init_guidance_state
 from g2rpo_jax.metrics import MetricsWriter, console_summary, split_mean, truncate_jsonl
 from g2rpo_jax.models import init_model
 from g2rpo_jax.models.transformer import count_params
+from g2rpo_jax.plan import detect_device_memory, fit_warning, format_bytes, memory_plan
 from g2rpo_jax.policy import architecture, load_policy_tokenizer, load_pretrained_params, pretrained_config
 from g2rpo_jax.rewards import ScoringPool, combine_rewards, configured_rewards
 from g2rpo_jax.rollout import Rollout, SamplingParams, complete_prompts, decode_texts
+from g2rpo_jax.sharding import (Placement, abstract_like, check_batch, gather_host, global_batch,
+                                maybe_initialize_distributed, process_rows, shard_state, sync_processes, to_host,
+                                tree_shardings)
 from g2rpo_jax.dynamic_sampling import choose_groups, enough_groups, group_rows, groups_with_spread, take_rows
 from g2rpo_jax.train_step import (TrainState, learning_rate_schedule, make_optimizer, make_record_fn, make_rollout_fn,
                                   make_update_fn)
@@ -154,13 +158,14 @@ def should_eval(step: int, cfg: Config) -> bool:
     return step == 0 or step == cfg.train.max_steps or (every > 0 and step % every == 0)
 
 
-def score(tokenizer, rollout, answers: list[str], reward_fns: dict, weights):
-    """Host side: decode completions, run each reward function (``reward_fns``: `configured_rewards`),
-    combine with weights.
+def score(tokenizer, rollout, answers: list[str], reward_fns: dict, weights, rows: slice = slice(None)):
+    """Host side: decode completions, run each reward function (``reward_fns``: `configured_rewards`)
+    on `rows` (this process's share of the batch, see sharding.process_rows), combine with weights.
 
-    Returns (combined rewards, {name: per-function rewards}, decoded texts)."""
+    Returns (combined rewards of `rows`, {name: per-function rewards of `rows`}, decoded texts of
+    every row: decoding is cheap, rewards may run programs)."""
     texts = decode_texts(tokenizer, rollout)
-    per_func = np.array([fn(texts, answers) for fn in reward_fns.values()], dtype=np.float32)
+    per_func = np.array([fn(texts[rows], answers[rows]) for fn in reward_fns.values()], dtype=np.float32)
     return combine_rewards(per_func, weights).astype(np.float32), dict(zip(reward_fns, per_func)), texts
 
 
@@ -186,7 +191,7 @@ _ROLLOUT_ROWS = ("tokens", "positions", "attention_mask", "completion_mask", "gu
 
 
 def collect_rollouts(state, rollout_fn, record_fn, iterator, ds: TokenizedDataset, tok, cfg: Config, weights,
-                     reward_fns: dict):
+                     reward_fns: dict, *, placement: Placement):
     """Draw prompt batches, roll out and score them (host side), update the per-prompt table, and
     keep the groups of the update (all of one batch, or with rollout.dynamic_sampling the groups with
     a reward spread). Returns (state, StepRollouts)."""
@@ -195,9 +200,15 @@ def collect_rollouts(state, rollout_fn, record_fn, iterator, ds: TokenizedDatase
     draws, spreads = [], []
     for _ in range(r.max_num_gen_batches if r.dynamic_sampling else 1):
         idx = np.repeat(iterator.next_indices(), g)  # G consecutive rows per prompt
-        state, ro, glen = rollout_fn(state, ds.prompt_ids[idx], ds.prompt_mask[idx], ds.guide_ids[idx],
-                                     ds.guide_len[idx], idx)
-        rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], reward_fns, weights)
+        # each process feeds and scores only the rows that live on its devices; rewards are gathered
+        mine, n = process_rows(placement.batch, len(idx)), len(idx)
+        inputs = global_batch({"ids": ds.prompt_ids[idx[mine]], "mask": ds.prompt_mask[idx[mine]],
+                               "guide": ds.guide_ids[idx[mine]], "len": ds.guide_len[idx[mine]], "idx": idx[mine]},
+                              placement.batch, n)
+        state, ro, glen = rollout_fn(state, *inputs.values())
+        ro, glen = jax.tree.map(to_host, ro), to_host(glen)
+        rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], reward_fns, weights, mine)
+        rewards, parts = gather_host(rewards, mine, n), {k: gather_host(v, mine, n) for k, v in parts.items()}
         if cfg.guidance.per_prompt:
             state = state.replace(guidance=record_fn(state.guidance, idx, parts[signal_name], glen))
         draws.append(dict(rollout=ro, idx=idx, glen=np.asarray(glen), rewards=rewards, parts=parts, texts=texts))
@@ -275,7 +286,8 @@ class StopSignals:
         return False
 
 
-def _config_differences(saved: dict, current: dict, ignore=("train.resume", "train.progress")) -> list[str]:
+def _config_differences(saved: dict, current: dict, ignore=("train.resume", "train.progress", "mesh.distributed",
+                        "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id")) -> list[str]:
     out = []
     for section, body in current.items():
         for key, value in (body or {}).items():
@@ -292,6 +304,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     signal stopped the run, else None). `stop_after=k` stops after step k as a signal would (a
     checkpoint is saved), for tests and time-limited jobs."""
     setup_logging()
+    maybe_initialize_distributed(cfg.mesh)  # before anything touches a device
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("output dir %s, jax %s on %s", out_dir, jax.__version__, jax.devices()[0].platform)
@@ -316,6 +329,13 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
                                       o.lr_scheduler_type)
     optimizer = make_optimizer(schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
                                weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
+    placement = Placement.build(cfg.mesh)
+    check_batch(placement.mesh, r.prompts_per_step, g)
+    log.info("mesh %s", placement.describe())
+    plan = memory_plan(cfg, model_cfg, placement.mesh.devices.size, detect_device_memory()[0])
+    log.info("memory: about %s per device at peak (`g2rpo plan` has the breakdown)", format_bytes(plan.peak))
+    if fit_warning(plan):
+        log.warning("%s", fit_warning(plan))
     iterator = PromptIterator(len(task.train.answers), r.prompts_per_step, seed=cfg.train.seed + cfg.data.seed,
                               order=cfg.data.order)
 
@@ -328,14 +348,18 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
                       "guidance": jax.eval_shape(lambda: init_guidance_state(guidance_cfg, len(task.train))),
                       "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
         try:
-            restored = ckpt.restore_latest(params, state_like, model_meta)
+            # restored straight into the target shardings (each process reads only its pieces)
+            restored = ckpt.restore_latest(abstract_like(params, tree_shardings(params, placement.mesh)),
+                                           abstract_like(state_like, tree_shardings(state_like, placement.mesh)),
+                                           model_meta)
         except ValueError as e:  # a checkpoint of another model, or none readable: one clear line
             ckpt.close()
             raise ConfigError(str(e)) from None
         if restored is None:
             log.info("resume: no checkpoint in %s yet; starting a new run", ckpt.directory)
     else:
-        removed = remove_checkpoints(out_dir)
+        removed = remove_checkpoints(out_dir) if jax.process_index() == 0 else 0
+        sync_processes("old checkpoints removed")  # no host may write into the directory before that
         if removed:
             log.warning("train.resume=never: replaced %d old checkpoints in %s (pass --resume to continue a run)",
                         removed, out_dir / "checkpoints")
@@ -345,7 +369,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
 
     if restored is None:
         start = 0
-        params = warm_start(cfg, model_cfg, tok, graphdef, params)
+        # placed first: the warm start then runs (and is cached) on the mesh like everything else
+        params = warm_start(cfg, model_cfg, tok, graphdef, shard_state(params, tree_shardings(params, placement.mesh)))
         state = TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
             # A separate copy: the update donates the state's buffers, and the reference stays frozen.
@@ -363,15 +388,17 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
         log.info("resume: continuing from %s (step %d of %d; warm start skipped)", ckpt.step_path(start), start,
                  cfg.train.max_steps)
 
-    # Commit every leaf to the device: arrays restored from a checkpoint are committed, fresh ones
-    # partly not, and committed-ness is part of the compiled program. One form for both means a
-    # resumed run runs the very executables of a fresh one (and hits the same compilation cache).
-    state = jax.device_put(state, jax.devices()[0])
+    # Place every leaf with its mesh sharding (sharding.py rules; the reference like the policy). One
+    # placement for fresh and restored states means a resumed run runs the very executables of a
+    # fresh one (and hits the same compilation cache).
+    state_shardings = tree_shardings(state, placement.mesh)
+    state = shard_state(state, state_shardings)
     sampling = SamplingParams(max_new_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k)
     rollout_fn = make_rollout_fn(graphdef, sampling, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                 num_generations=g, per_prompt=guidance_cfg.per_prompt)
-    record_fn = make_record_fn(g)
+                                 num_generations=g, per_prompt=guidance_cfg.per_prompt, placement=placement,
+                                 state_shardings=state_shardings)
+    record_fn = make_record_fn(g, guidance_sharding=state_shardings.guidance)
     loss_kwargs = dict(loss_type=lc.loss_type, beta=lc.beta, epsilon_low=lc.epsilon,
                        epsilon_high=lc.epsilon if lc.epsilon_high is None else lc.epsilon_high,
                        kl_estimator=lc.kl_estimator, guidance_loss=lc.guidance_loss,
@@ -379,14 +406,17 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     update_fn = make_update_fn(graphdef, optimizer, schedule, loss_kwargs=loss_kwargs, num_generations=g,
                                num_iterations=lc.num_iterations, scale_rewards=lc.scale_rewards,
                                guidance_cfg=guidance_cfg,
-                               max_completion_length=cfg.data.max_guidance_length + r.max_completion_length)
+                               max_completion_length=cfg.data.max_guidance_length + r.max_completion_length,
+                               placement=placement, state_shardings=state_shardings)
     pool = ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)  # workers start on first use
     evaluate = make_evaluator(graphdef, tok, task.test, cfg, pool)
     reward_names = cfg.reward.reward_funcs
     reward_fns = configured_rewards(reward_names, cfg.reward, pool)
     weights = cfg.reward.reward_weights or [1.0] * len(reward_names)
-    writer = MetricsWriter(out_dir, tensorboard=True, resume_step=None if restored is None else start)
-    completions_path = out_dir / "completions.jsonl"
+    # Every host computes the same rows; hosts other than 0 keep theirs apart on a shared output_dir.
+    log_dir = out_dir if jax.process_index() == 0 else out_dir / "hosts" / str(jax.process_index())
+    writer = MetricsWriter(log_dir, tensorboard=True, resume_step=None if restored is None else start)
+    completions_path = log_dir / "completions.jsonl"
     if restored is None:
         completions_path.write_text("")
     else:
@@ -416,11 +446,14 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
             for step in range(start + 1, cfg.train.max_steps + 1):
                 t0 = time.perf_counter()
                 length_used, ratio_used = int(state.guidance.length), float(state.guidance.ratio)
-                state, got = collect_rollouts(state, rollout_fn, record_fn, iterator, ds, tok, cfg, weights, reward_fns)
+                state, got = collect_rollouts(state, rollout_fn, record_fn, iterator, ds, tok, cfg, weights, reward_fns,
+                                              placement=placement)
                 ro, idx, glen, rewards, parts, texts = got.rollout, got.idx, got.glen, got.rewards, got.parts, got.texts
-                batch = {k: getattr(ro, k) for k in ("tokens", "positions", "attention_mask", "completion_mask",
-                                                     "guidance_mask")}
-                state, m = update_fn(state, batch, jnp.asarray(rewards), jnp.float32(got.signal))
+                mine = process_rows(placement.batch, len(idx))  # host rows -> global arrays on the mesh
+                batch = global_batch({k: np.asarray(getattr(ro, k))[mine] for k in (
+                    "tokens", "positions", "attention_mask", "completion_mask", "guidance_mask")}, placement.batch, len(idx))
+                state, m = update_fn(state, batch, global_batch({"r": rewards[mine]}, placement.batch, len(idx))["r"],
+                                     shard_state(np.float32(got.signal), placement.replicated))
                 m = jax.device_get(m)
                 guided = glen > 0
                 dt = time.perf_counter() - t0

@@ -20,7 +20,8 @@ import optax
 from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, record_outcomes, update_guidance
 from g2rpo_jax.loss import group_advantages, head_log_probs, policy_loss, vocab_block
 from g2rpo_jax.models import forward, lm_head_weight
-from g2rpo_jax.rollout import SamplingParams, generate
+from g2rpo_jax.rollout import Rollout, SamplingParams, generate
+from g2rpo_jax.sharding import Placement, jit_on_mesh
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -71,12 +72,12 @@ def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, wind
 
 
 def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int,
-                    per_prompt: bool = False):
+                    per_prompt: bool = False, placement: Placement | None = None, state_shardings=None):
     """(state, prompt batch repeated G times, each row's example index) -> (state with new rng,
     Rollout, per-row guide lengths). `per_prompt` guides only examples marked in the guidance
-    state's per-prompt table."""
+    state's per-prompt table. With a `placement` (and the state's shardings): rows sharded over
+    (data, fsdp), the state donated."""
 
-    @jax.jit
     def rollout(state: TrainState, prompt_ids, prompt_mask, guide_ids, trace_len, example_idx):
         rng, key = jax.random.split(state.rng)
         glen = guide_lengths(state.guidance, trace_len, num_generations, example_idx if per_prompt else None)
@@ -84,13 +85,19 @@ def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: 
                        sampling=sampling, eos_id=eos_id, pad_id=pad_id)
         return state.replace(rng=rng), out, glen
 
-    return rollout
+    if placement is None:
+        return jax.jit(rollout)
+    rows, rep = placement.batch, placement.replicated
+    out_rollout = Rollout(*([rows] * (len(Rollout._fields) - 1)), context_length=rep)
+    return jit_on_mesh(rollout, placement.mesh, in_shardings=(state_shardings, rows, rows, rows, rows, rows),
+                       out_shardings=(state_shardings, out_rollout, rows), donate_argnums=(0,))
 
 
-def make_record_fn(num_generations: int):
+def make_record_fn(num_generations: int, guidance_sharding=None):
     """(guidance state, example idx, per-row correctness, guide lengths) -> guidance state with the
-    per-prompt table updated (guidance.per_prompt)."""
-    return jax.jit(functools.partial(record_outcomes, num_generations=num_generations))
+    per-prompt table updated (guidance.per_prompt); placed as `guidance_sharding` when given."""
+    return jax.jit(functools.partial(record_outcomes, num_generations=num_generations),
+                   out_shardings=guidance_sharding)
 
 
 def group_reward_stats(rewards, num_generations: int) -> dict:
@@ -106,8 +113,11 @@ def group_reward_stats(rewards, num_generations: int) -> dict:
 
 def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                    loss_kwargs: dict, num_generations: int, num_iterations: int, scale_rewards: str,
-                   guidance_cfg: GuidanceConfig, max_completion_length: int):
-    """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit."""
+                   guidance_cfg: GuidanceConfig, max_completion_length: int,
+                   placement: Placement | None = None, state_shardings=None):
+    """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit.
+
+    With a `placement`: batch rows and rewards sharded over (data, fsdp), metrics replicated."""
     beta = loss_kwargs.get("beta", 0.0)
     # Completion tokens (guidance prefix + generated) only ever occupy the last
     # max_completion_length slots of a rollout row (rollout.py's right-aligned layout), so the
@@ -124,7 +134,6 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
                                 **loss_kwargs)
         return loss, aux
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
     def update(state: TrainState, batch: dict, rewards, signal):
         adv = group_advantages(rewards, num_generations, scale_rewards)
         seq = (batch["tokens"], batch["positions"], batch["attention_mask"], window)
@@ -146,5 +155,9 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, guidance=guidance)
         return new_state, metrics
 
-    return update
+    if placement is None:
+        return jax.jit(update, donate_argnums=(0,))
+    rows, rep = placement.batch, placement.replicated
+    return jit_on_mesh(update, placement.mesh, in_shardings=(state_shardings, rows, rows, rep),
+                       out_shardings=(state_shardings, rep), donate_argnums=(0,))
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from g2rpo_jax import sharding
 from g2rpo_jax.models.config import ModelConfig
 
 # Large finite negative for masked attention scores: a fully-masked row softmaxes to a
@@ -143,7 +144,8 @@ class Attention(nnx.Module):
             zero = jnp.zeros((), jnp.int32)
             ck = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, idx, zero, zero))
             cv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, idx, zero, zero))
-            new_cache = LayerCache(ck, cv)
+            new_cache = LayerCache(sharding.constrain(ck, sharding.KV_CACHE_AXES),
+                                   sharding.constrain(cv, sharding.KV_CACHE_AXES))
             keys, values = ck.astype(q.dtype), cv.astype(q.dtype)
             q_slots = idx + jnp.arange(T, dtype=jnp.int32)
         else:
@@ -210,7 +212,7 @@ class Transformer(nnx.Module):
         new_layers = []
         for i, layer in enumerate(self.layers):
             lc = None if cache is None else cache[i]
-            x, nc = layer(x, cos, sin, attention_mask, lc, cache_index)
+            x, nc = layer(sharding.constrain(x, sharding.ACTIVATION_AXES), cos, sin, attention_mask, lc, cache_index)
             new_layers.append(nc)
         x = self.norm(x)
         return x, (None if cache is None else tuple(new_layers))
@@ -243,8 +245,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     """Zero KV cache: a tuple (one per layer) of ``LayerCache(k, v)``, each ``[B, length, nkv, hd]``."""
     shape = (batch, length, cfg.num_key_value_heads, cfg.resolved_head_dim)
     dt = _dtype(cfg.dtype)
-    return tuple(LayerCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
-                 for _ in range(cfg.num_hidden_layers))
+    def zeros():  # rows over (data, fsdp), KV heads over tensor, under a mesh (sharding.py)
+        return sharding.constrain(jnp.zeros(shape, dt), sharding.KV_CACHE_AXES)
+
+    return tuple(LayerCache(zeros(), zeros()) for _ in range(cfg.num_hidden_layers))
 
 
 def forward(graphdef, params, input_ids, positions, attention_mask, cache=None, cache_index=0,

@@ -1,0 +1,194 @@
+"""`g2rpo plan --config X [--devices N] [--device-memory 16GiB] [section.key=value ...]`
+
+The memory one run needs on each device for the configured mesh, computed from the config's shapes
+and the sharding rules of g2rpo_jax/sharding.py (nothing is compiled or allocated): parameters,
+Adam moments, reference policy, gradients, the rollout's KV cache and the update's activations. The
+peak is the persistent state plus the larger of the rollout (KV cache) and the update (gradients +
+activations); the activation term is an estimate (no rematerialisation, XLA temporaries ignored), so
+leave headroom. Exit code 1 with a warning when the peak does not fit the device memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+
+import jax
+import numpy as np
+
+from g2rpo_jax.config import Config, ConfigError, load_config
+from g2rpo_jax.sharding import (KV_CACHE_AXES, MESH_AXES, logical_to_spec, mesh_shape,
+                                param_logical_axes, path_name)
+
+FIT_FRACTION = 0.9  # XLA and the runtime keep some memory for themselves
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    mesh: dict
+    num_params: int
+    parts: dict  # name -> bytes per device
+    peak: int
+    device_memory: int | None
+
+    @property
+    def fits(self) -> bool:
+        return self.device_memory is None or self.peak <= FIT_FRACTION * self.device_memory
+
+
+def _shard_elems(shape, spec, mesh: dict) -> int:
+    n = 1
+    for i, dim in enumerate(shape):
+        axes = spec[i] if i < len(spec) else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        n *= dim // math.prod(mesh[a] for a in axes)
+    return n
+
+
+def _per_device(shape, logical, mesh: dict) -> int:
+    return _shard_elems(shape, logical_to_spec(logical, shape, mesh), mesh)
+
+
+def _split(dim: int, logical: str, mesh: dict) -> int:
+    return _per_device((dim,), (logical,), mesh)
+
+
+def param_shapes(model_cfg):
+    from g2rpo_jax.models import init_model
+
+    return jax.eval_shape(lambda: init_model(model_cfg, 0)[1])  # shapes only, nothing allocated
+
+
+def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | None = None) -> MemoryPlan:
+    mesh = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, num_devices)))
+    params = param_shapes(model_cfg)
+    pbytes = np.dtype(model_cfg.param_dtype).itemsize
+    abytes = np.dtype(model_cfg.dtype).itemsize
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    param_elems = sum(_per_device(x.shape, param_logical_axes(path_name(kp), x.ndim), mesh) for kp, x in leaves)
+    num_params = sum(int(np.prod(x.shape)) for _, x in leaves)
+
+    r, d, m = cfg.rollout, cfg.data, model_cfg
+    rows = r.prompts_per_step * r.num_generations
+    seq = d.max_prompt_length + d.max_guidance_length + r.max_completion_length
+    hd, nh, nkv = m.resolved_head_dim, m.num_attention_heads, m.num_key_value_heads
+    cache_shape = (rows, seq, nkv, hd)
+    kv = 2 * m.num_hidden_layers * _per_device(cache_shape, KV_CACHE_AXES, mesh) * abytes
+
+    # update: policy forward + backward over [rows, seq - 1] tokens, activations kept for the backward
+    b, t = _split(rows, "batch", mesh), seq - 1
+    heads, kv_heads = _split(nh * hd, "heads", mesh), _split(nkv * hd, "kv_heads", mesh)
+    per_layer = b * t * (6 * m.hidden_size + 4 * _split(m.intermediate_size, "mlp", mesh)
+                         + 2 * (heads + 2 * kv_heads)) * abytes
+    per_layer += 2 * b * (heads // hd) * t * t * 4  # float32 attention scores and probabilities
+    logits = 3 * b * t * _split(m.vocab_size, "vocab", mesh) * 4  # logits, log-softmax, their gradient
+    activations = m.num_hidden_layers * per_layer + logits
+
+    p = param_elems * pbytes
+    parts = {"params (policy)": p, "optimizer (Adam m, v)": 2 * p, "reference policy": p,
+             "gradients (update)": p, "KV cache (rollout)": kv, "activations (update, estimate)": activations}
+    peak = 4 * p + max(kv, p + activations)
+    return MemoryPlan(mesh, num_params, parts, peak, device_memory)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def parse_bytes(text: str) -> int:
+    """'16GiB', '80GB', '512MiB', '512M' or a bare number of GiB -> bytes (binary units throughout)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not match:
+        raise ConfigError(f"--device-memory {text!r}: give a size like 16GiB, 80GB or 512MiB")
+    unit = match.group(2) or ("" if match.group(3) else "G")
+    return int(float(match.group(1)) * 1024 ** ("_KMGT".index(unit) if unit else 0))
+
+
+def detect_device_memory() -> tuple[int | None, str]:
+    """Bytes of one local device: the accelerator's limit, or on CPU the RAM shared by the devices."""
+    device = jax.local_devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - not every backend reports memory
+        pass
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.platform} memory_stats"
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return ram // jax.local_device_count(), f"host RAM / {jax.local_device_count()} local devices"
+    except (ValueError, OSError):
+        return None, "unknown"
+
+
+def format_plan(plan: MemoryPlan, num_devices: int, source: str = "") -> str:
+    mesh = " x ".join(f"{a}={plan.mesh[a]}" for a in MESH_AXES)
+    lines = [f"memory per device: mesh {mesh} ({num_devices} devices), model {plan.num_params / 1e6:.2f}M params"]
+    rows = [*plan.parts.items(), ("peak (state + max(rollout, update))", plan.peak)]
+    if plan.device_memory is not None:
+        rows.append(("device memory" + (f" ({source})" if source else ""), plan.device_memory))
+    width = max(len(name) for name, _ in rows)
+    lines += [f"  {name:<{width}} {format_bytes(v):>10}" for name, v in rows]
+    return "\n".join(lines)
+
+
+def fit_warning(plan: MemoryPlan) -> str | None:
+    if plan.fits:
+        return None
+    return (f"warning: this run needs about {format_bytes(plan.peak)} per device but a device has "
+            f"{format_bytes(plan.device_memory)} (usable {FIT_FRACTION:.0%}); raise mesh.fsdp or mesh.tensor, use more devices, or lower "
+            "rollout.prompts_per_step / rollout.num_generations / rollout.max_completion_length")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="g2rpo plan", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    parser.add_argument("--config", help="YAML config file (e.g. configs/default.yaml)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="number of devices to plan for (default: jax.device_count() here; give the "
+                             "pod's count when planning from another machine)")
+    parser.add_argument("--device-memory", default=None,
+                        help="memory of one device, e.g. 16GiB (default: detected on this machine)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
+        from g2rpo_jax.policy import load_policy_tokenizer
+        from g2rpo_jax.train import resolve_model_config
+
+        cfg = load_config(args.config, args.overrides)
+        # the tokenizer only fills a null model.vocab_size; a checkpoint's config is read without weights
+        tok = load_policy_tokenizer(cfg) if cfg.model.model_name_or_path else build_embedded_tokenizer()
+        model_cfg = resolve_model_config(cfg, tok)
+        if args.devices is not None and args.devices < 1:
+            raise ConfigError(f"--devices {args.devices}: give a positive number of devices")
+        devices = args.devices or jax.device_count()
+        if args.device_memory is not None:
+            memory, source = parse_bytes(args.device_memory), "--device-memory"
+        else:
+            memory, source = detect_device_memory()
+        plan = memory_plan(cfg, model_cfg, devices, memory)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, devices, source))
+    warning = fit_warning(plan)
+    if warning:
+        print(warning, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

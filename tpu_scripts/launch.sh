@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Launch the same training command on every worker (one process per host, jax.distributed finds the
+# others by itself on a TPU VM). Arguments after `--` go to `python -m g2rpo_jax.train`.
+#   tpu_scripts/launch.sh --name my-tpu [--resume] [--dry-run] -- --config configs/default.yaml \
+#       train.output_dir=/mnt/g2rpo/runs/r1 checkpoint.every_steps=50
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
+. "$(dirname "$0")/common.sh"
+parse_common "$@"
+RESUME=0
+TRAIN_ARGS=()
+seen_dashes=0
+for arg in ${REST[@]+"${REST[@]}"}; do
+  if [ "${seen_dashes}" = 1 ]; then TRAIN_ARGS+=("$arg"); continue; fi
+  case "$arg" in
+    --) seen_dashes=1 ;;
+    --resume) RESUME=1 ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) die "unknown flag '$arg' for launch.sh; training arguments go after --" ;;
+  esac
+done
+[ ${#TRAIN_ARGS[@]} -gt 0 ] || die "give the training arguments after --, e.g. -- --config configs/default.yaml"
+# Overrides go last (after --config), so these two join the user's: every process joins one run.
+TRAIN_ARGS+=(mesh.distributed=on)
+if [ "${RESUME}" = 1 ]; then TRAIN_ARGS+=(train.resume=auto); fi
+train="$(printf '%q ' python -m g2rpo_jax.train "${TRAIN_ARGS[@]}")"
+# nohup + background: the run survives the ssh session; its output goes to LOG_FILE on each worker.
+remote="cd $(printf %q "${REMOTE_DIR}") && . .venv/bin/activate && (nohup ${train% } > $(printf %q "${LOG_FILE}") 2>&1 &)"
+on_workers "${remote}"

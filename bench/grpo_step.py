@@ -109,10 +109,11 @@ def run(w: wl.Workload, warmup: int, steps: int, peak_size: int = 2048) -> str:
     rows = w.batch_rows
     guide_ids = np.zeros((rows, 0), np.int32)
     trace_len = np.zeros((rows,), np.int32)
+    example_idx = np.zeros((rows,), np.int32)  # unguided workload: the per-prompt table is unused
 
     def one_step(state):
         t0, c0 = time.perf_counter(), time.process_time()
-        state, ro, _ = rollout_fn(state, prompt_ids, prompt_mask, guide_ids, trace_len)
+        state, ro, _ = rollout_fn(state, prompt_ids, prompt_mask, guide_ids, trace_len, example_idx)
         jax.block_until_ready(ro.tokens)
         t_gen = time.perf_counter() - t0
         texts = decode_texts(tok, ro, eos_id=wl.EOS_ID, pad_id=wl.PAD_ID)

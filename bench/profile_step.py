@@ -44,11 +44,11 @@ def main():
     state, rollout_fn, update_fn, prompt_ids, prompt_mask = gs.build(w, tok)
     B = w.batch_rows
     guide, tl = np.zeros((B, 0), np.int32), np.zeros((B,), np.int32)
-    _, ro, _ = rollout_fn(state, prompt_ids, prompt_mask, guide, tl)
+    _, ro, _ = rollout_fn(state, prompt_ids, prompt_mask, guide, tl, np.zeros(len(tl), np.int32))
     batch = {k: getattr(ro, k) for k in gs.BATCH_KEYS}
     params = state.params
     out = {"workload": w.name, "peak": gs.measure_matmul_peak()}
-    out["rollout"] = timed(lambda s: rollout_fn(s, prompt_ids, prompt_mask, guide, tl)[1].tokens, state)
+    out["rollout"] = timed(lambda s: rollout_fn(s, prompt_ids, prompt_mask, guide, tl, np.zeros(len(tl), np.int32))[1].tokens, state)
     rewards = jnp.asarray(np.linspace(0, 1, B), jnp.float32)
     upd = jax.jit(lambda s: update_fn.__wrapped__(s, batch, rewards, jnp.float32(0.5))[1]["loss"])
     out["update"] = timed(upd, state)

@@ -3,6 +3,7 @@ in one place (`configured_rewards`) for scoring, the guidance controller and the
 `g2rpo evaluate` scoring with the run's reward.controller_signal."""
 
 import json
+from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +15,7 @@ from g2rpo_jax.config import ConfigError, DataConfig, load_config, to_dict
 from g2rpo_jax.data.sources import load_examples
 from g2rpo_jax.rewards import REWARD_FUNCS, configured_rewards
 from g2rpo_jax.rewards.code import parse_tests, stdio_tests
+from g2rpo_jax.sharding import Placement
 
 PRINT3 = "print(3)"  # a program without a fenced block: runs only with code_fallback_to_completion
 FENCED3 = f"```python\n{PRINT3}\n```"
@@ -100,10 +102,10 @@ def test_code_pass_fraction_drives_the_controller_and_the_evaluator(monkeypatch)
     monkeypatch.setattr(train_mod, "decode_texts", lambda tok, ro: texts)
     ds = SimpleNamespace(prompt_ids=np.zeros((1, 2), np.int32), prompt_mask=np.ones((1, 2), bool),
                          guide_ids=np.zeros((1, 2), np.int32), guide_len=np.zeros(1, np.int32), answers=[TESTS3])
-    ro = SimpleNamespace(num_generated=np.ones(4, np.int32))
+    ro = namedtuple("Ro", "num_generated")(np.ones(4, np.int32))  # a pytree, as the real Rollout is
     iterator = SimpleNamespace(next_indices=lambda: np.array([0]))
     _, got = train_mod.collect_rollouts(None, lambda state, *a: (state, ro, np.zeros(4, np.int32)), None, iterator,
-                                        ds, None, cfg, [1.0], fns)
+                                        ds, None, cfg, [1.0], fns, placement=Placement.build(cfg.mesh))
     assert got.signal == pytest.approx(0.5)  # 2 of 4 programs pass: the controller sees the pass fraction
     assert list(got.parts["code"]) == [1.0, 1.0, 0.0, 0.0]
 

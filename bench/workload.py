@@ -7,6 +7,7 @@ shapes, vocabulary, prompts, reward, GRPO settings and the FLOP count of one ste
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -71,6 +72,16 @@ WORKLOADS = {
     "W1": Workload("W1", 64, 128, 2, 4, 2, num_prompts=4, num_generations=4, new_tokens=32),
     "W2": Workload("W2", 256, 768, 4, 8, 2, num_prompts=8, num_generations=8, new_tokens=64),
 }
+
+
+def peer_args(argv=None, warmup: int = 2):
+    """The command line every peer script shares: (workload, warmup steps, timed steps)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="W1")
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args(argv)
+    return WORKLOADS[args.workload], args.warmup, args.steps
 
 
 def letter_fraction(text: str) -> float:

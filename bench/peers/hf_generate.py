@@ -9,7 +9,6 @@ stopping off), temperature 1.0 over the full vocabulary (top_k 0, top_p 1), KV c
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,12 +21,7 @@ import workload as wl  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workload", choices=sorted(wl.WORKLOADS), default="W1")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
-    args = ap.parse_args(argv)
-    w = wl.WORKLOADS[args.workload]
+    w, warmup, steps = wl.peer_args(argv, warmup=1)
 
     import torch
     import transformers
@@ -45,7 +39,7 @@ def main(argv=None):
                            pad_token_id=wl.PAD_ID, use_cache=True)
     times, cpu_times = [], []
     with torch.inference_mode():
-        for _ in range(args.warmup + args.steps):
+        for _ in range(warmup + steps):
             t0, c0 = time.perf_counter(), time.process_time()
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
             times.append(time.perf_counter() - t0)
@@ -54,9 +48,9 @@ def main(argv=None):
                 raise RuntimeError(f"generate returned {tuple(out.shape)}")
             texts = tok.batch_decode(out[:, ids.shape[1]:])
             rewards = [wl.letter_fraction(t) for t in texts]  # scored as in a GRPO step
-    print(wl.result_line("transformers.generate", w, step_times=[], gen_times=times[args.warmup:],
-                         compile_sec=sum(times[:args.warmup]), peak=peak, compiles_after_warmup=None,
-                         cpu_times=cpu_times[args.warmup:], extra={"warmup_steps": args.warmup, "transformers": transformers.__version__,
+    print(wl.result_line("transformers.generate", w, step_times=[], gen_times=times[warmup:],
+                         compile_sec=sum(times[:warmup]), peak=peak, compiles_after_warmup=None,
+                         cpu_times=cpu_times[warmup:], extra={"warmup_steps": warmup, "transformers": transformers.__version__,
                                 "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                                 "mean_reward": sum(rewards) / len(rewards)}), flush=True)
 

@@ -9,7 +9,6 @@ reward, and GRPO settings (beta 0.04 with TRL's k3 KL against a reference copy, 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -23,12 +22,7 @@ import workload as wl  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workload", choices=sorted(wl.WORKLOADS), default="W1")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
-    args = ap.parse_args(argv)
-    w = wl.WORKLOADS[args.workload]
+    w, warmup, steps = wl.peer_args(argv)
 
     import torch
     import transformers
@@ -62,7 +56,7 @@ def main(argv=None):
         temperature=w.temperature, top_p=1.0, top_k=0, generation_kwargs={"eos_token_id": None},
         beta=w.beta, epsilon=w.epsilon, loss_type="grpo", scale_rewards="group", num_iterations=1,
         learning_rate=w.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=0.0, max_steps=args.warmup + args.steps, logging_steps=1, save_strategy="no",
+        max_grad_norm=0.0, max_steps=warmup + steps, logging_steps=1, save_strategy="no",
         report_to="none", seed=w.seed, shuffle_dataset=False, disable_tqdm=True,
         model_init_kwargs={"dtype": torch.float32},
     )
@@ -84,7 +78,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
-    warm = args.warmup
+    warm = warmup
     print(wl.result_line("trl", w, step_times=step_times[warm:], gen_times=gen_times[warm:],
                          compile_sec=sum(step_times[:warm]), peak=peak, compiles_after_warmup=None,
                          cpu_times=cpu_times[warm:], extra={"warmup_steps": warm, "train_sec_total": total, "trl": trl.__version__,

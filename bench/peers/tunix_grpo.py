@@ -11,7 +11,6 @@ biases, unit norms). EOS stopping is disabled by making the EOS list an id outsi
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,12 +21,7 @@ import workload as wl  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workload", choices=sorted(wl.WORKLOADS), default="W1")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
-    args = ap.parse_args(argv)
-    w = wl.WORKLOADS[args.workload]
+    w, warmup, steps = wl.peer_args(argv)
 
     import jax
     import jax.numpy as jnp
@@ -70,7 +64,7 @@ def main(argv=None):
 
     actor, reference = make_model(), make_model()
     tok = wl.load_tokenizer()
-    max_steps = args.warmup + args.steps
+    max_steps = warmup + steps
     cluster_config = rlc.ClusterConfig(
         role_to_mesh={rlc.Role.ACTOR: mesh, rlc.Role.REFERENCE: mesh, rlc.Role.ROLLOUT: mesh},
         rollout_engine="vanilla", offload_to_cpu=False,
@@ -113,7 +107,7 @@ def main(argv=None):
     ends, cpu_ends = [t_start] + update_ends, [c_start] + update_cpu
     step_times = [b - a for a, b in zip(ends[:-1], ends[1:])]
     cpu_times = [b - a for a, b in zip(cpu_ends[:-1], cpu_ends[1:])]
-    warm = args.warmup
+    warm = warmup
     print(wl.result_line("tunix", w, step_times=step_times[warm:], gen_times=gen_times[warm:],
                          compile_sec=sum(step_times[:warm]), peak=peak, compiles_after_warmup=None,
                          cpu_times=cpu_times[warm:], extra={"warmup_steps": warm, "tunix": getattr(tunix, "__version__", "0.1.7"),

@@ -24,6 +24,7 @@ from g2rpo_jax.config import load_config
 from g2rpo_jax.evaluate import evaluate_run
 from g2rpo_jax.models import init_model
 from g2rpo_jax.train import load_task, main, resolve_model_config, train
+from tiny_run import tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "default.yaml")
@@ -33,12 +34,7 @@ STEPS = 16  # every run has the same max_steps: the same update program (see con
 
 def overrides(tmp: Path, name: str, steps: int = STEPS, *extra: str) -> list[str]:
     return [
-        f"train.output_dir={tmp / name}", f"train.max_steps={steps}", "train.progress=false",
-        "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
-        "data.num_train=64", "data.num_test=8", "rollout.prompts_per_step=2", "rollout.num_generations=4",
-        "rollout.max_completion_length=16", "eval.num_problems=8", "eval.batch_size=8", "eval.max_new_tokens=16",
-        "eval.every_steps=4", "warm_start.steps=3", "warm_start.batch_size=8", "warm_start.num_examples=32",
-        f"warm_start.cache_dir={tmp / 'cache'}",
+        *tiny_run_overrides(tmp / name, steps, tmp / "cache"), "eval.every_steps=4",
         "guidance.schedule=adaptive", "guidance.initial_length=40", "guidance.max_length=40",
         "guidance.min_length=4", "guidance.ratio=0.5",
         "checkpoint.every_steps=2", "checkpoint.max_to_keep=2", "train.log_completions_every=5", *extra,

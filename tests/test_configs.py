@@ -14,6 +14,7 @@ import yaml
 
 from g2rpo_jax.config import load_config
 from g2rpo_jax.sweep import DEFAULT_CONFIGS
+from tiny_run import tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
@@ -86,12 +87,8 @@ def test_configs_set_what_their_method_changes():
 
 def tiny_overrides(tmp: Path, name: str, steps: int) -> list[str]:
     return [
-        f"train.output_dir={tmp / name}", f"train.max_steps={steps}", "train.progress=false",
-        "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
-        "data.num_train=32", "data.num_test=4", "rollout.prompts_per_step=2", "rollout.num_generations=4",
-        "rollout.max_completion_length=16", "eval.num_problems=4", "eval.batch_size=4", "eval.max_new_tokens=16",
-        "warm_start.steps=2", "warm_start.batch_size=4", "warm_start.num_examples=16",
-        f"warm_start.cache_dir={tmp / 'warm_cache'}", "checkpoint.save_final=false",
+        *tiny_run_overrides(tmp / name, steps, tmp / "warm_cache", num_train=32, num_test=4, warm_start=(2, 4, 16)),
+        "checkpoint.save_final=false",
         "guidance.initial_length=8", "guidance.max_length=8",
     ]
 

@@ -10,6 +10,7 @@ import pytest
 from g2rpo_jax.config import load_config
 from g2rpo_jax.evaluate import evaluate_run
 from g2rpo_jax.train import main, train
+from tiny_run import tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,12 +20,7 @@ REQUIRED = ("step", "reward", "reward_std", "frac_reward_zero_std", "reward/guid
 
 def tiny_overrides(tmp_path, steps=4):
     return [
-        f"train.output_dir={tmp_path / 'run'}", f"train.max_steps={steps}", "train.progress=false",
-        "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
-        "data.num_train=64", "data.num_test=8", "rollout.prompts_per_step=2", "rollout.num_generations=4",
-        "rollout.max_completion_length=16", "eval.num_problems=8", "eval.batch_size=8", "eval.max_new_tokens=16",
-        "eval.every_steps=2", "warm_start.steps=3", "warm_start.batch_size=8", "warm_start.num_examples=32",
-        f"warm_start.cache_dir={tmp_path / 'cache'}",
+        *tiny_run_overrides(tmp_path / "run", steps, tmp_path / "cache"), "eval.every_steps=2",
         # a constantly-changing L: the guidance length must be data, not a recompile
         "guidance.initial_length=8", "guidance.max_length=8", "guidance.schedule=linear_decay",
     ]

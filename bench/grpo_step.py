@@ -96,7 +96,8 @@ def build(w: wl.Workload, tok):
                        kl_estimator="k3", guidance_loss="train")
     update_fn = make_update_fn(graphdef, optimizer, schedule, loss_kwargs=loss_kwargs,
                                num_generations=w.num_generations, num_iterations=1, scale_rewards="group",
-                               guidance_cfg=guidance_cfg, max_completion_length=w.new_tokens)
+                               guidance_cfg=guidance_cfg, max_completion_length=w.new_tokens,
+                               logprob_temperature=w.temperature)
     prompt_ids, prompt_mask = prompt_batch(w, tok)
     return state, rollout_fn, update_fn, prompt_ids, prompt_mask
 

@@ -407,7 +407,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
                                num_iterations=lc.num_iterations, scale_rewards=lc.scale_rewards,
                                guidance_cfg=guidance_cfg,
                                max_completion_length=cfg.data.max_guidance_length + r.max_completion_length,
-                               placement=placement, state_shardings=state_shardings)
+                               logprob_temperature=r.temperature, placement=placement, state_shardings=state_shardings)
     pool = ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)  # workers start on first use
     evaluate = make_evaluator(graphdef, tok, task.test, cfg, pool)
     reward_names = cfg.reward.reward_funcs

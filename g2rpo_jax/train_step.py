@@ -54,9 +54,11 @@ def make_optimizer(schedule: optax.Schedule, *, adam_beta1=0.9, adam_beta2=0.999
     return optax.chain(*parts)
 
 
-def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, window: int | None = None):
+def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, window: int | None = None,
+                       temperature: float = 1.0):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for the last ``window`` t (default every t): [B, window].
 
+    p is softmax(logits / temperature): the distribution the rollout sampled from, as TRL scores it.
     The decoder runs over all T-1 input positions, the LM head only over the window, vocabulary
     block by vocabulary block (`head_log_probs`), so the [B, T, V] logits never exist.
     """
@@ -67,7 +69,8 @@ def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, wind
     hidden = hidden[:, T - window:].reshape(B * window, H)
     targets = tokens[:, T - window + 1:].reshape(B * window).astype(jnp.int32)
     weight = lm_head_weight(graphdef, params)
-    hidden = hidden.astype(weight.dtype)
+    # logits / T == (hidden / T) @ weight.T: the temperature costs one [N, H] scale, not a [N, V] one.
+    hidden = (hidden / temperature).astype(weight.dtype)
     return head_log_probs(hidden, weight, targets, vocab_block(B * window, weight.shape[0])).reshape(B, window)
 
 
@@ -113,9 +116,12 @@ def group_reward_stats(rewards, num_generations: int) -> dict:
 
 def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                    loss_kwargs: dict, num_generations: int, num_iterations: int, scale_rewards: str,
-                   guidance_cfg: GuidanceConfig, max_completion_length: int,
+                   guidance_cfg: GuidanceConfig, max_completion_length: int, logprob_temperature: float = 1.0,
                    placement: Placement | None = None, state_shardings=None):
     """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit.
+
+    Policy, old and reference log-probs are all taken at `logprob_temperature` (the rollout's
+    sampling temperature in train.py, as TRL's GRPOTrainer does).
 
     With a `placement`: batch rows and rewards sharded over (data, fsdp), metrics replicated."""
     beta = loss_kwargs.get("beta", 0.0)
@@ -126,7 +132,7 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
 
     def loss_fn(params, batch, adv, old_logp, ref_logp):
         logp = sequence_log_probs(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"],
-                                  window)
+                                  window, logprob_temperature)
         old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
         w = logp.shape[1]
         loss, aux = policy_loss(logp, old, ref_logp, adv, batch["completion_mask"][:, -w:],
@@ -136,7 +142,7 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
 
     def update(state: TrainState, batch: dict, rewards, signal):
         adv = group_advantages(rewards, num_generations, scale_rewards)
-        seq = (batch["tokens"], batch["positions"], batch["attention_mask"], window)
+        seq = (batch["tokens"], batch["positions"], batch["attention_mask"], window, logprob_temperature)
         ref_logp = jax.lax.stop_gradient(sequence_log_probs(graphdef, state.ref_params, *seq)) if beta > 0 else None
         # With one update per batch the old policy is the current one (stop_gradient inside the loss).
         old_logp = None if num_iterations == 1 else jax.lax.stop_gradient(sequence_log_probs(graphdef, state.params, *seq))

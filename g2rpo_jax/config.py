@@ -128,6 +128,11 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
+    # TRL / transformers names. The step's rows go through the update this many micro-batches at a
+    # time (gradients summed, one optimizer step; loss and metrics are the whole batch's).
+    gradient_accumulation_steps: int = 1
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them.
+    gradient_checkpointing: bool = False
 
 
 @dataclasses.dataclass
@@ -349,6 +354,9 @@ def validate(cfg: Config) -> None:
     check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = off)")
     check(cfg.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep must be >= 1")
     check(cfg.loss.num_iterations >= 1, "loss.num_iterations must be >= 1")
+    k, rows = cfg.optim.gradient_accumulation_steps, r.prompts_per_step * r.num_generations
+    check(k >= 1 and rows % k == 0, f"optim.gradient_accumulation_steps must divide the {rows} rows of a step "
+          f"(rollout.prompts_per_step * rollout.num_generations), got {k}")
     check(cfg.loss.beta >= 0, "loss.beta must be >= 0")
     check(d.num_test >= 1, "data.num_test must be >= 1 (held-out problems for evaluation)")
     check(d.source != "embedded" or not d.test_dataset_name, "data.test_dataset_name needs a data.source other "

@@ -177,20 +177,6 @@ def kl_penalty(logp, ref_logp, estimator: str = "k3"):
     return k3
 
 
-def masked_mean(values, mask):
-    """Mean of `values` over positions where mask != 0 (0 when the mask is empty)."""
-    m = jnp.asarray(mask).astype(jnp.float32)
-    total = jnp.sum(jnp.where(m > 0, values * m, 0.0))
-    return total / jnp.maximum(jnp.sum(m), 1.0)
-
-
-def sequence_mean(values, mask):
-    """Per-row mean over masked positions, [B, T] -> [B] (0 for a row with no masked position)."""
-    m = jnp.asarray(mask).astype(jnp.float32)
-    total = jnp.sum(jnp.where(m > 0, values * m, 0.0), axis=-1)
-    return total / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
-
-
 def effective_mask(completion_mask, guidance_mask, guidance_loss: str = "train"):
     """float32 [B, T] mask of the tokens that enter the loss (``mask`` drops the guidance tokens)."""
     _check_choice("guidance_loss", guidance_loss, GUIDANCE_LOSSES)
@@ -288,10 +274,43 @@ def loss_parts(per_token, mask, loss_type: str = "grpo", max_completion_length: 
     return jnp.sum(masked), jnp.asarray(per_token.shape[0] * L, jnp.float32)
 
 
-def aggregate_loss(per_token, mask, loss_type: str = "grpo", max_completion_length: Optional[int] = None):
-    """Scalar loss from per-token values and the effective mask (see module docstring)."""
-    num, den = loss_parts(per_token, mask, loss_type, max_completion_length)
-    return num / jnp.maximum(den, 1.0)
+def loss_sums(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    completion_mask,
+    guidance_mask,
+    *,
+    loss_type: str = "grpo",
+    max_completion_length: Optional[int],
+    **token_loss_kwargs,
+):
+    """The additive pieces of :func:`policy_loss`: ``loss_numerator`` / ``loss_denominator``
+    (`loss_parts`), ``tokens`` (the effective mask's count) and the masked sums of the metrics. Summed
+    over micro-batches they are the whole batch's; :func:`loss_metrics` turns them into means."""
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    per_tok, mask, aux = per_token_loss(logp, old_logp, ref_logp, advantages, completion_mask, guidance_mask,
+                                        **token_loss_kwargs)
+    num, den = loss_parts(per_tok, mask, loss_type, max_completion_length)
+
+    def masked_sum(values):
+        return jnp.sum(jnp.where(mask > 0, values * mask, 0.0))
+
+    low, high = aux["is_low_clipped"], aux["is_high_clipped"]
+    sums = {"loss_numerator": num, "loss_denominator": den, "tokens": jnp.sum(mask),
+            "clip_ratio/low_mean": masked_sum(low), "clip_ratio/high_mean": masked_sum(high),
+            "clip_ratio/region_mean": masked_sum(jnp.maximum(low, high))}
+    if "kl" in aux:
+        sums["kl"] = masked_sum(aux["kl"])
+    return sums
+
+
+def loss_metrics(sums: dict) -> dict:
+    """Token means over the effective mask (TRL names) from :func:`loss_sums`' masked sums."""
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    return {name: value / tokens for name, value in sums.items()
+            if name not in ("loss_numerator", "loss_denominator", "tokens")}
 
 
 def policy_loss(
@@ -303,45 +322,19 @@ def policy_loss(
     guidance_mask,
     *,
     loss_type: str = "grpo",
-    beta: float = 0.04,
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = 0.2,
-    kl_estimator: str = "k3",
-    guidance_loss: str = "train",
-    importance_gamma: float = 0.1,
     max_completion_length: Optional[int],
+    **token_loss_kwargs,
 ):
     """GRPO-family loss. Returns ``(loss, metrics)``.
 
-    ``max_completion_length`` is the dr_grpo normaliser (required keyword; ``None`` means T, the
-    width of the arrays). ``ref_logp`` may be None when beta == 0. ``old_logp`` may be None (one
-    update per batch: stop_gradient(logp)). Metrics (TRL names, token means over the effective
-    mask): ``kl`` (when ref_logp is given, even with beta == 0), ``clip_ratio/low_mean`` (rho <
-    1 - eps_low with A < 0), ``clip_ratio/high_mean`` (rho > 1 + eps_high with A > 0),
-    ``clip_ratio/region_mean`` (either).
+    ``token_loss_kwargs`` are :func:`per_token_loss`'s (beta, epsilon_low, epsilon_high,
+    kl_estimator, guidance_loss, importance_gamma). ``max_completion_length`` is the dr_grpo
+    normaliser (required keyword; ``None`` means T, the width of the arrays). ``ref_logp`` may be
+    None when beta == 0. ``old_logp`` may be None (one update per batch: stop_gradient(logp)).
+    Metrics (TRL names, token means over the effective mask): ``kl`` (when ref_logp is given, even
+    with beta == 0), ``clip_ratio/low_mean`` (rho < 1 - eps_low with A < 0),
+    ``clip_ratio/high_mean`` (rho > 1 + eps_high with A > 0), ``clip_ratio/region_mean`` (either).
     """
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
-    per_tok, mask, aux = per_token_loss(
-        logp,
-        old_logp,
-        ref_logp,
-        advantages,
-        completion_mask,
-        guidance_mask,
-        beta=beta,
-        epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high,
-        kl_estimator=kl_estimator,
-        guidance_loss=guidance_loss,
-        importance_gamma=importance_gamma,
-    )
-    loss = aggregate_loss(per_tok, mask, loss_type, max_completion_length)
-    low, high = aux["is_low_clipped"], aux["is_high_clipped"]
-    metrics = {
-        "clip_ratio/low_mean": masked_mean(low, mask),
-        "clip_ratio/high_mean": masked_mean(high, mask),
-        "clip_ratio/region_mean": masked_mean(jnp.maximum(low, high), mask),
-    }
-    if "kl" in aux:
-        metrics["kl"] = masked_mean(aux["kl"], mask)
-    return loss, metrics
+    sums = loss_sums(logp, old_logp, ref_logp, advantages, completion_mask, guidance_mask, loss_type=loss_type,
+                     max_completion_length=max_completion_length, **token_loss_kwargs)
+    return sums["loss_numerator"] / jnp.maximum(sums["loss_denominator"], 1.0), loss_metrics(sums)

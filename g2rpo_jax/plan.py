@@ -4,8 +4,8 @@ The memory one run needs on each device for the configured mesh, computed from t
 and the sharding rules of g2rpo_jax/sharding.py (nothing is compiled or allocated): parameters,
 Adam moments, reference policy, gradients, the rollout's KV cache and the update's activations. The
 peak is the persistent state plus the larger of the rollout (KV cache) and the update (gradients +
-activations); the activation term is an estimate (no rematerialisation, XLA temporaries ignored), so
-leave headroom. Exit code 1 with a warning when the peak does not fit the device memory.
+activations of one micro-batch, optim.gradient_accumulation_steps and optim.gradient_checkpointing
+taken into account); the activation term is an estimate (XLA temporaries ignored), so leave headroom. Exit code 1 with a warning when the peak does not fit the device memory.
 """
 
 from __future__ import annotations
@@ -79,19 +79,27 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
     cache_shape = (rows, seq, nkv, hd)
     kv = 2 * m.num_hidden_layers * _per_device(cache_shape, KV_CACHE_AXES, mesh) * abytes
 
-    # update: policy forward + backward over [rows, seq - 1] tokens, activations kept for the backward
-    b, t = _split(rows, "batch", mesh), seq - 1
+    # update: policy forward + backward over one micro-batch of [rows / k, seq - 1] tokens
+    k = cfg.optim.gradient_accumulation_steps
+    b, t = max(1, _split(rows, "batch", mesh) // k), seq - 1
     heads, kv_heads = _split(nh * hd, "heads", mesh), _split(nkv * hd, "kv_heads", mesh)
     per_layer = b * t * (6 * m.hidden_size + 4 * _split(m.intermediate_size, "mlp", mesh)
                          + 2 * (heads + 2 * kv_heads)) * abytes
     per_layer += 2 * b * (heads // hd) * t * t * 4  # float32 attention scores and probabilities
-    logits = 3 * b * t * _split(m.vocab_size, "vocab", mesh) * 4  # logits, log-softmax, their gradient
-    activations = m.num_hidden_layers * per_layer + logits
+    if cfg.optim.gradient_checkpointing:  # each layer's input kept; one layer's activations rebuilt at a time
+        layers = m.num_hidden_layers * b * t * m.hidden_size * abytes + per_layer
+    else:
+        layers = m.num_hidden_layers * per_layer
+    # The LM head runs on the completion window only, over vocabulary tiles (loss.head_log_probs):
+    # no [rows, T, V] logits, only the window's hidden states and their gradient in float32.
+    window = d.max_guidance_length + r.max_completion_length
+    activations = layers + 2 * b * window * m.hidden_size * 4
 
     p = param_elems * pbytes
+    grads = p if k == 1 else 2 * p  # with accumulation: the running sum and one micro-batch's
     parts = {"params (policy)": p, "optimizer (Adam m, v)": 2 * p, "reference policy": p,
-             "gradients (update)": p, "KV cache (rollout)": kv, "activations (update, estimate)": activations}
-    peak = 4 * p + max(kv, p + activations)
+             "gradients (update)": grads, "KV cache (rollout)": kv, "activations (update, estimate)": activations}
+    peak = 4 * p + max(kv, grads + activations)
     return MemoryPlan(mesh, num_params, parts, peak, device_memory)
 
 
@@ -143,9 +151,14 @@ def format_plan(plan: MemoryPlan, num_devices: int, source: str = "") -> str:
 def fit_warning(plan: MemoryPlan) -> str | None:
     if plan.fits:
         return None
+    parts = plan.parts
+    update = parts["gradients (update)"] + parts["activations (update, estimate)"]
+    fix = ("raise optim.gradient_accumulation_steps or set optim.gradient_checkpointing=true (the update's "
+           "activations are the largest part), or " if update > parts["KV cache (rollout)"] else "")
     return (f"warning: this run needs about {format_bytes(plan.peak)} per device but a device has "
-            f"{format_bytes(plan.device_memory)} (usable {FIT_FRACTION:.0%}); raise mesh.fsdp or mesh.tensor, use more devices, or lower "
-            "rollout.prompts_per_step / rollout.num_generations / rollout.max_completion_length")
+            f"{format_bytes(plan.device_memory)} (usable {FIT_FRACTION:.0%}); {fix}raise mesh.fsdp or mesh.tensor, "
+            "use more devices, or lower rollout.prompts_per_step / rollout.num_generations / "
+            "rollout.max_completion_length")
 
 
 def build_parser() -> argparse.ArgumentParser:

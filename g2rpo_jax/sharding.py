@@ -106,13 +106,19 @@ def batch_divisor(mesh: Mesh) -> int:
     return int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
-def check_batch(mesh: Mesh, prompts_per_step: int, num_generations: int) -> None:
+def check_batch(mesh: Mesh, prompts_per_step: int, num_generations: int, gradient_accumulation_steps: int = 1) -> None:
     rows, div = prompts_per_step * num_generations, batch_divisor(mesh)
     if rows % div:
         raise ShardingError(
             f"the batch of rollout.prompts_per_step * rollout.num_generations = {prompts_per_step} * "
             f"{num_generations} = {rows} rows does not split over mesh.data * mesh.fsdp = {div} devices; "
             f"make the product a multiple of {div} (or shrink mesh.data/mesh.fsdp)")
+    k = gradient_accumulation_steps
+    if (rows // k) % div:
+        raise ShardingError(
+            f"a micro-batch of {rows} rows / optim.gradient_accumulation_steps {k} = {rows // k} rows does not "
+            f"split over mesh.data * mesh.fsdp = {div} devices; make optim.gradient_accumulation_steps divide "
+            f"{rows // div} (the rows of one device)")
 
 
 # ---------------------------------------------------------------------------- logical axes -> specs

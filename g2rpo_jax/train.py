@@ -330,7 +330,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     optimizer = make_optimizer(schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
                                weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
     placement = Placement.build(cfg.mesh)
-    check_batch(placement.mesh, r.prompts_per_step, g)
+    check_batch(placement.mesh, r.prompts_per_step, g, cfg.optim.gradient_accumulation_steps)
     log.info("mesh %s", placement.describe())
     plan = memory_plan(cfg, model_cfg, placement.mesh.devices.size, detect_device_memory()[0])
     log.info("memory: about %s per device at peak (`g2rpo plan` has the breakdown)", format_bytes(plan.peak))
@@ -407,7 +407,10 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
                                num_iterations=lc.num_iterations, scale_rewards=lc.scale_rewards,
                                guidance_cfg=guidance_cfg,
                                max_completion_length=cfg.data.max_guidance_length + r.max_completion_length,
-                               logprob_temperature=r.temperature, placement=placement, state_shardings=state_shardings)
+                               logprob_temperature=r.temperature,
+                               gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+                               gradient_checkpointing=cfg.optim.gradient_checkpointing, placement=placement,
+                               state_shardings=state_shardings)
     pool = ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)  # workers start on first use
     evaluate = make_evaluator(graphdef, tok, task.test, cfg, pool)
     reward_names = cfg.reward.reward_funcs

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, record_outcomes, update_guidance
-from g2rpo_jax.loss import group_advantages, head_log_probs, policy_loss, vocab_block
+from g2rpo_jax.loss import (effective_mask, group_advantages, head_log_probs, loss_metrics, loss_parts, loss_sums,
+                            vocab_block)
 from g2rpo_jax.models import forward, lm_head_weight
 from g2rpo_jax.rollout import Rollout, SamplingParams, generate
 from g2rpo_jax.sharding import Placement, jit_on_mesh
@@ -55,7 +56,7 @@ def make_optimizer(schedule: optax.Schedule, *, adam_beta1=0.9, adam_beta2=0.999
 
 
 def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, window: int | None = None,
-                       temperature: float = 1.0):
+                       temperature: float = 1.0, remat: bool = False):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for the last ``window`` t (default every t): [B, window].
 
     p is softmax(logits / temperature): the distribution the rollout sampled from, as TRL scores it.
@@ -63,7 +64,7 @@ def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, wind
     block by vocabulary block (`head_log_probs`), so the [B, T, V] logits never exist.
     """
     hidden, _ = forward(graphdef, params, tokens[:, :-1], positions[:, :-1], attention_mask[:, :-1],
-                        return_hidden=True)
+                        return_hidden=True, remat=remat)
     B, T, H = hidden.shape
     window = T if window is None else min(int(window), T)
     hidden = hidden[:, T - window:].reshape(B * window, H)
@@ -114,45 +115,85 @@ def group_reward_stats(rewards, num_generations: int) -> dict:
     }
 
 
+def micro_batches(tree, k: int):
+    """Leaves [B, ...] -> [k, B / k, ...]. Micro-batch j holds rows j, j + k, j + 2k, ...: each
+    device's contiguous block of rows feeds every micro-batch equally, so splitting moves no data."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), tree)
+
+
 def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                    loss_kwargs: dict, num_generations: int, num_iterations: int, scale_rewards: str,
                    guidance_cfg: GuidanceConfig, max_completion_length: int, logprob_temperature: float = 1.0,
+                   gradient_accumulation_steps: int = 1, gradient_checkpointing: bool = False,
                    placement: Placement | None = None, state_shardings=None):
     """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit.
 
     Policy, old and reference log-probs are all taken at `logprob_temperature` (the rollout's
     sampling temperature in train.py, as TRL's GRPOTrainer does).
+    `gradient_accumulation_steps` k: the rows go through the model k micro-batches at a time (a
+    `lax.scan`), gradients summed, one optimizer step; loss, gradients and metrics equal the whole
+    batch's (bnpo: the mean of per-micro-batch token means, as TRL). `gradient_checkpointing`:
+    decoder layers are rematerialised in the backward pass.
 
     With a `placement`: batch rows and rewards sharded over (data, fsdp), metrics replicated."""
     beta = loss_kwargs.get("beta", 0.0)
+    loss_type = loss_kwargs.get("loss_type", "grpo")
+    k = int(gradient_accumulation_steps)
     # Completion tokens (guidance prefix + generated) only ever occupy the last
     # max_completion_length slots of a rollout row (rollout.py's right-aligned layout), so the
     # LM head runs on those positions only; earlier positions would be masked out of the loss anyway.
     window = max_completion_length
 
-    def loss_fn(params, batch, adv, old_logp, ref_logp):
-        logp = sequence_log_probs(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"],
-                                  window, logprob_temperature)
-        old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
+    def log_probs(params, mb, remat=False):
+        return sequence_log_probs(graphdef, params, mb["tokens"], mb["positions"], mb["attention_mask"], window,
+                                  logprob_temperature, remat=remat)
+
+    def micro_loss(params, mb, old_logp, ref_logp, batch_denominator):
+        logp = log_probs(params, mb, gradient_checkpointing)
         w = logp.shape[1]
-        loss, aux = policy_loss(logp, old, ref_logp, adv, batch["completion_mask"][:, -w:],
-                                batch["guidance_mask"][:, -w:], max_completion_length=max_completion_length,
-                                **loss_kwargs)
-        return loss, aux
+        sums = loss_sums(logp, old_logp, ref_logp, mb["advantages"], mb["completion_mask"][:, -w:],
+                         mb["guidance_mask"][:, -w:], max_completion_length=max_completion_length, **loss_kwargs)
+        # This micro-batch's share of the whole batch's loss (bnpo: TRL's per-micro-batch token mean).
+        den = k * sums["loss_denominator"] if loss_type == "bnpo" else batch_denominator
+        return sums["loss_numerator"] / jnp.maximum(den, 1.0), sums
+
+    def accumulate(params, micro, old_logp, ref_logp, batch_denominator):
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def step(total, xs):
+            return jax.tree.map(jnp.add, total, grad_fn(params, *xs, batch_denominator)), None
+
+        first = jax.tree.map(lambda x: x[0], (micro, old_logp, ref_logp))
+        zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, *first,
+                                                                                   batch_denominator))
+        if state_shardings is not None:  # the running gradient sum lives sharded like the params
+            zero = (zero[0], jax.lax.with_sharding_constraint(zero[1], state_shardings.params))
+        return jax.lax.scan(step, zero, (micro, old_logp, ref_logp))[0]
 
     def update(state: TrainState, batch: dict, rewards, signal):
         adv = group_advantages(rewards, num_generations, scale_rewards)
-        seq = (batch["tokens"], batch["positions"], batch["attention_mask"], window, logprob_temperature)
-        ref_logp = jax.lax.stop_gradient(sequence_log_probs(graphdef, state.ref_params, *seq)) if beta > 0 else None
+        rows = {key: batch[key] for key in ("tokens", "positions", "attention_mask", "completion_mask",
+                                            "guidance_mask")}
+        micro = micro_batches(dict(rows, advantages=adv), k)
+        # The whole batch's loss denominator (sequences or tokens) depends on the masks only.
+        w = min(window, rows["tokens"].shape[1] - 1)
+        mask = effective_mask(rows["completion_mask"][:, -w:], rows["guidance_mask"][:, -w:],
+                              loss_kwargs.get("guidance_loss", "train"))
+        batch_denominator = loss_parts(mask, mask, loss_type, max_completion_length)[1]
+
+        def logp_of(params):  # [k, B / k, w], no gradient
+            return jax.lax.stop_gradient(jax.lax.map(lambda mb: log_probs(params, mb), micro))
+
+        ref_logp = logp_of(state.ref_params) if beta > 0 else None
         # With one update per batch the old policy is the current one (stop_gradient inside the loss).
-        old_logp = None if num_iterations == 1 else jax.lax.stop_gradient(sequence_log_probs(graphdef, state.params, *seq))
+        old_logp = None if num_iterations == 1 else logp_of(state.params)
         params, opt_state = state.params, state.opt_state
         for _ in range(num_iterations):
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, adv, old_logp, ref_logp)
+            (loss, sums), grads = accumulate(params, micro, old_logp, ref_logp, batch_denominator)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
         guidance = update_guidance(state.guidance, signal, guidance_cfg)
-        metrics = dict(aux)
+        metrics = loss_metrics(sums)
         metrics.update(group_reward_stats(rewards, num_generations))
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.tree.norm(grads)

@@ -25,6 +25,7 @@ from g2rpo_jax.sharding import (Placement, gather_host, global_batch, maybe_init
 from g2rpo_jax.train_step import TrainState, make_optimizer, make_rollout_fn, make_update_fn
 
 MESHES = ((8, 1, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2))
+ACCUMULATION_MESH = (2, 2, 2)
 STEPS = 2  # the multi-host run compares with the (2, 2, 2) run of `meshes`
 MODEL = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2)
@@ -49,7 +50,7 @@ def host_reward(tokens: np.ndarray, completion_mask: np.ndarray) -> np.ndarray:
     return (even.sum(1) / np.maximum(completion_mask.sum(1), 1)).astype(np.float32)
 
 
-def run(placement: Placement | None, steps: int = STEPS):
+def run(placement: Placement | None, steps: int = STEPS, **update_kwargs):
     graphdef, params = init_model(MODEL, 0)
     optimizer = make_optimizer(lambda _: LR)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
@@ -68,7 +69,7 @@ def run(placement: Placement | None, steps: int = STEPS):
                                scale_rewards="group", guidance_cfg=GUIDANCE, max_completion_length=GMAX + 6,
                                loss_kwargs=dict(loss_type="grpo", beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
                                                 kl_estimator="k3", guidance_loss="train", importance_gamma=0.1),
-                               **kw)
+                               **kw, **update_kwargs)
     ids, mask, guide, glen, example = prompts()
     n = len(ids)
     losses, rewards_seen = [], []
@@ -122,6 +123,12 @@ def meshes(out: str) -> None:
         result[f"{tag}/bytes_all"] = np.array([per_device_bytes(state.params),
                                                sum(x.nbytes for x in jax.tree.leaves(state.params))])
         result[f"{tag}/bytes_opt"] = np.array([per_device_bytes(state.opt_state), per_device_bytes(state.ref_params)])
+    # Two micro-batches of 4 rows over data * fsdp = 4 devices, layers rematerialised.
+    state, losses, rewards = run(Placement.build(MeshConfig(*ACCUMULATION_MESH)), gradient_accumulation_steps=2,
+                                 gradient_checkpointing=True)
+    result["accumulation/losses"], result["accumulation/rewards"] = losses, rewards
+    for name, x in flat_params(state.params).items():
+        result[f"accumulation/param/{name}"] = x
     np.savez(out, **result)
 
 

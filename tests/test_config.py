@@ -55,6 +55,7 @@ def test_type_coercion_int_to_float_and_null_and_lists():
     ("guidance.schedule=exponential", "guidance.schedule"),
     ("rollout.num_generations=1", "rollout.num_generations"),
     ("train.max_steps", "section.key=value"),
+    ("optim.gradient_accumulation_steps=7", "optim.gradient_accumulation_steps must divide the 64 rows"),
 ])
 def test_bad_overrides_give_one_line_errors_naming_the_key(override, fragment):
     with pytest.raises(ConfigError) as info:

@@ -3,6 +3,7 @@ the windowed update equals a hand-wired whole-logits GRPO loss, and the inverse-
 from softmax(logits)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -141,3 +142,64 @@ def test_lm_head_weight_tied_and_untied():
     for tied in (True, False):
         g, params = init_model(dataclasses.replace(CFG, tie_word_embeddings=tied), 0)
         np.testing.assert_allclose(h @ lm_head_weight(g, params).T, lm_head_logits(g, params, h), rtol=1e-5, atol=1e-6)
+
+
+def _update_setup(loss_type="grpo", num_iterations=1, **update_kwargs):
+    g, params = init_model(CFG, 0)
+    tokens, positions, mask = _seq(5)
+    window = 4
+    completion = np.zeros((B, S), bool)
+    completion[:, -window:] = True
+    completion[2, -2:] = False  # rows of unequal lengths: micro-batch token counts differ
+    batch = {"tokens": tokens, "positions": positions, "attention_mask": mask, "completion_mask": completion,
+             "guidance_mask": np.zeros((B, S), bool)}
+    gcfg = GuidanceConfig(schedule="fixed", ratio=0.0)
+    schedule = optax.constant_schedule(0.1)
+    opt = optax.sgd(schedule)  # params move by lr * gradient: equal params mean equal gradients
+    kw = dict(loss_type=loss_type, beta=0.04, epsilon_low=0.2, epsilon_high=0.2, kl_estimator="k3",
+              guidance_loss="train")
+    update = make_update_fn(g, opt, schedule, loss_kwargs=kw, num_generations=2, num_iterations=num_iterations,
+                            scale_rewards="group", guidance_cfg=gcfg, max_completion_length=window, **update_kwargs)
+    ref_params = jax.tree.map(lambda x: x + 0.01, params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
+                       ref_params=ref_params, guidance=init_guidance_state(gcfg), rng=jax.random.PRNGKey(0))
+    rewards = jnp.asarray([0.1, 0.5, 0.2, 0.9], jnp.float32)
+    return update, state, batch, rewards, (g, params, ref_params, kw, window)
+
+
+def _assert_same_update(a, b):
+    (sa, ma), (sb, mb) = a, b
+    for name in ("loss", "kl", "clip_ratio/region_mean", "grad_norm"):
+        np.testing.assert_allclose(mb[name], ma[name], rtol=2e-5, atol=1e-7, err_msg=name)
+    for x, y in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type,num_iterations", [("grpo", 1), ("dapo", 1), ("dr_grpo", 1), ("grpo", 2)])
+def test_gradient_accumulation_and_checkpointing_equal_the_whole_batch(loss_type, num_iterations):
+    """Two micro-batches with rematerialised layers give the whole batch's loss, metrics and new params
+    (for num_iterations 2, both optimizer steps)."""
+    whole, state, batch, rewards, _ = _update_setup(loss_type, num_iterations)
+    split, _, _, _, _ = _update_setup(loss_type, num_iterations, gradient_accumulation_steps=2,
+                                      gradient_checkpointing=True)
+    copy = functools.partial(jax.tree.map, jnp.copy)  # the update donates its state
+    _assert_same_update(whole(copy(state), batch, rewards, jnp.float32(0.0)),
+                        split(copy(state), batch, rewards, jnp.float32(0.0)))
+
+
+def test_bnpo_accumulation_averages_micro_batch_token_means():
+    """bnpo normalises each micro-batch by its own tokens (TRL): loss = mean over micro-batches of
+    policy_loss on that micro-batch's rows (rows 0, 2 and 1, 3)."""
+    update, state, batch, rewards, (g, params, ref_params, kw, window) = _update_setup(
+        "bnpo", gradient_accumulation_steps=2)
+    _, m = update(jax.tree.map(jnp.copy, state), batch, rewards, jnp.float32(0.0))  # donates its state
+    tokens, positions, mask = batch["tokens"], batch["positions"], batch["attention_mask"]
+    logp = _full_log_probs(g, params, tokens, positions, mask)
+    ref = _full_log_probs(g, ref_params, tokens, positions, mask)
+    adv = group_advantages(rewards, 2)
+    cm = batch["completion_mask"][:, 1:]
+    zeros = np.zeros_like(cm)
+    parts = [policy_loss(logp[r], logp[r], ref[r], adv[r], cm[r], zeros[r], max_completion_length=window, **kw)[0]
+             for r in (np.array([0, 2]), np.array([1, 3]))]
+    np.testing.assert_allclose(m["loss"], (parts[0] + parts[1]) / 2, rtol=1e-5, atol=1e-7)
+    assert abs(float(parts[0] - parts[1])) > 1e-4  # the micro-batches differ, so the test can tell

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from g2rpo_jax.loss import (
-    aggregate_loss,
     group_advantages,
     kl_penalty,
+    loss_metrics,
     loss_parts,
-    masked_mean,
+    loss_sums,
     policy_loss,
-    sequence_mean,
     token_log_probs,
 )
 
@@ -103,13 +102,21 @@ def test_loss_types_hand_example():
     assert float(num) == -1.0 and float(den) == 2.0
 
 
-def test_helpers():
-    v = jnp.asarray([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    m = jnp.asarray([[1, 0, 1], [0, 0, 0]])
-    np.testing.assert_allclose(np.asarray(sequence_mean(v, m)), [2.0, 0.0])
-    assert float(masked_mean(v, m)) == 2.0
-    assert float(masked_mean(v, jnp.zeros((2, 3)))) == 0.0
-    assert float(aggregate_loss(v, m, "bnpo")) == 2.0
+def test_loss_sums_add_up_over_row_splits():
+    """Sums of two halves of the rows equal the whole batch's sums, and loss_metrics gives token means."""
+    rng = np.random.default_rng(0)
+    logp, old, ref = (jnp.asarray(rng.normal(size=(4, 5)) * 0.3 - 1.0, jnp.float32) for _ in range(3))
+    A = jnp.asarray([1.0, -2.0, 0.5, 3.0])
+    mask = jnp.asarray(rng.random((4, 5)) < 0.7)
+    kw = dict(loss_type="dapo", max_completion_length=5, beta=0.1, epsilon_low=0.1, epsilon_high=0.1)
+    whole = loss_sums(logp, old, ref, A, mask, None, **kw)
+    halves = [loss_sums(logp[s], old[s], ref[s], A[s], mask[s], None, **kw) for s in (slice(0, 2), slice(2, 4))]
+    for name, value in whole.items():
+        np.testing.assert_allclose(float(halves[0][name] + halves[1][name]), float(value), rtol=1e-6, err_msg=name)
+    assert float(whole["tokens"]) == float(np.sum(np.asarray(mask)))
+    assert float(whole["clip_ratio/region_mean"]) > 0  # the 0.1 clip range is hit
+    np.testing.assert_allclose(float(loss_metrics(whole)["kl"]), float(whole["kl"] / whole["tokens"]), rtol=1e-6)
+    assert float(loss_metrics({"tokens": jnp.float32(0), "kl": jnp.float32(0)})["kl"]) == 0.0  # empty mask
 
 
 # --------------------------------------------------------------------------- clipping

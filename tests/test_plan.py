@@ -48,3 +48,18 @@ def test_bad_input_is_one_line(capsys):
     with pytest.raises(ConfigError, match="--device-memory"):
         parse_bytes("lots")
     assert parse_bytes("16GiB") == parse_bytes("16") == 16 * 2 ** 30 and parse_bytes("512MiB") == 2 ** 29
+
+
+def test_activations_by_hand_with_accumulation_and_checkpointing():
+    """One device, 8 rows, t = 16 - 1 = 15 positions, 1 float32 layer: per row a layer keeps
+    t * (6 * 32 + 4 * 64 + 2 * (32 + 2 * 16)) * 4 bytes plus 2 * 4 heads * t * t float32 scores
+    (= 41,760 bytes); the head keeps the 8-token window's hidden states and gradient (2 * 8 * 32 * 4)."""
+    cfg = load_config(None, [*TINY, "mesh.data=1"])
+    whole = memory_plan(cfg, model_of(cfg), num_devices=1)
+    assert whole.parts["activations (update, estimate)"] == 8 * (41760 + 2048)
+    cfg = load_config(None, [*TINY, "mesh.data=1", "optim.gradient_accumulation_steps=2",
+                             "optim.gradient_checkpointing=true"])
+    split = memory_plan(cfg, model_of(cfg), num_devices=1)
+    # 4 rows per micro-batch; the layer input (t * 32 * 4 bytes a row) kept, the layer rebuilt once
+    assert split.parts["activations (update, estimate)"] == 4 * (15 * 32 * 4 + 41760 + 2048)
+    assert split.parts["gradients (update)"] == 2 * whole.parts["gradients (update)"]  # sum + micro-batch

@@ -59,6 +59,9 @@ def test_batch_rows_must_split_over_data_and_fsdp():
     check_batch(mesh, 2, 4)  # 8 rows over 8
     with pytest.raises(ShardingError, match=r"rollout.prompts_per_step \* rollout.num_generations = 3 \* 4 = 12 rows"):
         check_batch(mesh, 3, 4)
+    check_batch(mesh, 4, 4, gradient_accumulation_steps=2)  # 2 micro-batches of 8 rows over 8
+    with pytest.raises(ShardingError, match="16 rows / optim.gradient_accumulation_steps 4 = 4 rows"):
+        check_batch(mesh, 4, 4, gradient_accumulation_steps=4)
 
 
 def test_logical_to_spec_drops_axes_that_do_not_divide():
@@ -133,9 +136,10 @@ def _params(result: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
 
 
-@pytest.mark.parametrize("shape", worker.MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_sharded_steps_match_one_device(meshes, shape):
-    tag = "x".join(map(str, shape))
+@pytest.mark.parametrize("tag", [*("x".join(map(str, s)) for s in worker.MESHES), "accumulation"])
+def test_sharded_steps_match_one_device(meshes, tag):
+    """Every mesh, and the (2, 2, 2) mesh with 2 gradient-accumulation micro-batches and
+    rematerialised layers, give the one-device losses and parameters."""
     base = meshes["base/losses"]
     assert np.isfinite(base).all() and base[-1, 2] > 0  # loss, kl, grad_norm of a real update
     np.testing.assert_array_equal(meshes[f"{tag}/rewards"], meshes["base/rewards"])  # the same samples

@@ -192,6 +192,13 @@ class DecoderLayer(nnx.Module):
         return h, new_cache
 
 
+@nnx.remat
+def _rematerialised_layer(layer, x, cos, sin, attention_mask):
+    """One decoder layer whose activations the backward recomputes instead of keeping (HF's
+    gradient checkpointing): only the layer's input stays alive between forward and backward."""
+    return layer(x, cos, sin, attention_mask, None, 0)[0]
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         cfg.validate()
@@ -204,15 +211,18 @@ class Transformer(nnx.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, cfg=cfg, rngs=rngs)
 
-    def hidden_states(self, input_ids, positions, attention_mask, cache=None, cache_index=0):
+    def hidden_states(self, input_ids, positions, attention_mask, cache=None, cache_index=0, remat=False):
         cfg = self.config
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta)
         attention_mask = attention_mask.astype(bool)
         new_layers = []
         for i, layer in enumerate(self.layers):
-            lc = None if cache is None else cache[i]
-            x, nc = layer(sharding.constrain(x, sharding.ACTIVATION_AXES), cos, sin, attention_mask, lc, cache_index)
+            x = sharding.constrain(x, sharding.ACTIVATION_AXES)
+            if remat and cache is None:
+                x, nc = _rematerialised_layer(layer, x, cos, sin, attention_mask), None
+            else:
+                x, nc = layer(x, cos, sin, attention_mask, None if cache is None else cache[i], cache_index)
             new_layers.append(nc)
         x = self.norm(x)
         return x, (None if cache is None else tuple(new_layers))
@@ -252,7 +262,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
 
 
 def forward(graphdef, params, input_ids, positions, attention_mask, cache=None, cache_index=0,
-            return_hidden=False):
+            return_hidden=False, remat=False):
     """Run the decoder.
 
     ``input_ids``/``positions`` int32 ``[B, T]``; ``attention_mask`` bool ``[B, S]`` marks real key
@@ -261,12 +271,13 @@ def forward(graphdef, params, input_ids, positions, attention_mask, cache=None, 
     key slot ``j`` iff ``j <= cache_index + i`` and ``attention_mask[b, j]``.
 
     Returns ``(float32 logits [B, T, V], cache)`` or, with ``return_hidden``, the final-normed
-    hidden states ``[B, T, H]`` instead of the logits.
+    hidden states ``[B, T, H]`` instead of the logits. ``remat`` (without a cache): rematerialise
+    each decoder layer in the backward pass, trading one more forward for activation memory.
     """
     model = nnx.merge(graphdef, params)
     hidden, new_cache = model.hidden_states(jnp.asarray(input_ids, jnp.int32),
                                             jnp.asarray(positions, jnp.int32),
-                                            jnp.asarray(attention_mask), cache, cache_index)
+                                            jnp.asarray(attention_mask), cache, cache_index, remat)
     if return_hidden:
         return hidden, new_cache
     return model.logits(hidden), new_cache

@@ -145,11 +145,51 @@ def _is_eos(tok, eos_id):
     return tok == eos_id
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_id", "pad_id"))
-def generate_jit(graphdef, params, prompt_ids, prompt_mask, guide_ids, guide_len, rng, *,
-                 sampling: SamplingParams, eos_id, pad_id: int) -> Rollout:
-    """Jitted body of :func:`generate` (``context_length`` comes back as an array here)."""
+def prefill(graphdef, params, ctx_ids, ctx_pos, ctx_mask, length: int):
+    """Run the context through the decoder into a fresh ``length``-slot KV cache: (last hidden [B, H], cache)."""
     cfg = get_config(graphdef, params)
+    B, C = ctx_ids.shape
+    attn = jnp.concatenate([ctx_mask, jnp.zeros((B, length - C), bool)], axis=1)
+    hidden, cache = forward(graphdef, params, ctx_ids, ctx_pos, attn, cache=init_cache(cfg, B, length),
+                            cache_index=jnp.int32(0), return_hidden=True)
+    return hidden[:, -1], cache
+
+
+def prefill_shared(graphdef, params, ctx_ids, ctx_pos, ctx_mask, guide_len, length: int, group_size: int):
+    """:func:`prefill` where each group of ``group_size`` consecutive rows shares its prompt and its
+    guidance trace (a GRPO group), computed once per group instead of once per row.
+
+    The row of the group with the longest guidance prefix is prefilled; every other row's context is a
+    prefix of it, right-aligned ``shift = its guide_len - the row's`` slots further right. So a row's KV
+    entries are the representative's rolled right by ``shift`` (RoPE positions travel with the
+    entries); the ``shift`` rolled-in slots at the front fall on the row's padding, which its mask
+    hides. The row's last hidden state is the representative's at slot ``C - 1 - shift``.
+    """
+    B, C = ctx_ids.shape
+    groups = B // group_size
+    guide_len = jnp.asarray(guide_len, jnp.int32).reshape(groups, group_size)
+    rep = jnp.arange(groups) * group_size + jnp.argmax(guide_len, axis=1)
+    hidden, rep_cache = forward(graphdef, params, ctx_ids[rep], ctx_pos[rep], ctx_mask[rep],
+                                cache=init_cache(get_config(graphdef, params), groups, C),
+                                cache_index=jnp.int32(0), return_hidden=True)
+    shift = (jnp.max(guide_len, axis=1, keepdims=True) - guide_len).reshape(B)
+    group = jnp.arange(B) // group_size
+    src = (jnp.arange(C)[None, :] - shift[:, None]) % C  # [B, C]: slot of the representative's entry
+
+    def spread(x):  # [groups, C, ...] -> [B, length, ...]
+        rows = jnp.take_along_axis(x[group], src.reshape(B, C, *([1] * (x.ndim - 2))), axis=1)
+        pad = jnp.zeros((B, length - C, *x.shape[2:]), x.dtype)
+        return sharding.constrain(jnp.concatenate([rows, pad], axis=1), sharding.KV_CACHE_AXES)
+
+    cache = jax.tree.map(spread, rep_cache)
+    last = hidden[group, C - 1 - shift]
+    return last, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_id", "pad_id", "group_size"))
+def generate_jit(graphdef, params, prompt_ids, prompt_mask, guide_ids, guide_len, rng, *,
+                 sampling: SamplingParams, eos_id, pad_id: int, group_size: int = 1) -> Rollout:
+    """Jitted body of :func:`generate` (``context_length`` comes back as an array here)."""
     B, P = prompt_ids.shape
     G = guide_ids.shape[1]
     C = P + G
@@ -163,11 +203,11 @@ def generate_jit(graphdef, params, prompt_ids, prompt_mask, guide_ids, guide_len
 
     tokens = jnp.concatenate([ctx_ids, jnp.full((B, N), pad_id, jnp.int32)], axis=1)
     attn = jnp.concatenate([ctx_mask, jnp.zeros((B, N), bool)], axis=1)
-    cache = init_cache(cfg, B, S)
-
-    hidden, cache = forward(graphdef, params, ctx_ids, ctx_pos, attn, cache=cache,
-                            cache_index=jnp.int32(0), return_hidden=True)
-    last_logits = lm_head_logits(graphdef, params, hidden[:, -1])
+    if group_size > 1:
+        last_hidden, cache = prefill_shared(graphdef, params, ctx_ids, ctx_pos, ctx_mask, guide_len, S, group_size)
+    else:
+        last_hidden, cache = prefill(graphdef, params, ctx_ids, ctx_pos, ctx_mask, S)
+    last_logits = lm_head_logits(graphdef, params, last_hidden)
 
     def emit(t, logits, tokens, attn, done, num_gen):
         tok = sample_token(logits, jax.random.fold_in(rng, t), sampling)
@@ -219,14 +259,23 @@ def generate_jit(graphdef, params, prompt_ids, prompt_mask, guide_ids, guide_len
     )
 
 
+def _group_size(rows: int, group_size: int) -> int:
+    group_size = int(group_size)
+    if group_size < 1 or rows % group_size:
+        raise ValueError(f"group_size {group_size} must be >= 1 and divide the {rows} rows")
+    return group_size
+
+
 def generate(graphdef, params, prompt_ids, prompt_mask, guide_ids, guide_len, rng, *,
-             sampling: SamplingParams, eos_id, pad_id: int) -> Rollout:
+             sampling: SamplingParams, eos_id, pad_id: int, group_size: int = 1) -> Rollout:
     """Sample continuations of ``prompt ⊕ guidance[:guide_len]`` for every row.
 
     ``prompt_ids``/``prompt_mask`` ``[B, P]`` left-padded; ``guide_ids`` ``[B, Gmax]`` right-padded
     guidance traces (``Gmax`` may be 0); ``guide_len`` ``[B]`` int32 (0 = unguided row).
     ``eos_id`` is an int or a tuple of ints; a negative id disables EOS stopping.
-    Compiles once per (shapes, graphdef, sampling, eos_id, pad_id).
+    ``group_size`` G > 1: rows ``jG .. jG + G - 1`` share their prompt and guidance trace (a GRPO
+    group), so the context is prefilled once per group (:func:`prefill_shared`).
+    Compiles once per (shapes, graphdef, sampling, eos_id, pad_id, group_size).
     """
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     B, P = prompt_ids.shape
@@ -239,7 +288,7 @@ def generate(graphdef, params, prompt_ids, prompt_mask, guide_ids, guide_len, rn
         eos_id = int(eos_id)
     out = generate_jit(graphdef, params, prompt_ids, jnp.asarray(prompt_mask, bool), guide_ids,
                        jnp.asarray(guide_len, jnp.int32), rng, sampling=sampling, eos_id=eos_id,
-                       pad_id=int(pad_id))
+                       pad_id=int(pad_id), group_size=_group_size(B, group_size))
     return out._replace(context_length=int(P + guide_ids.shape[1]))
 
 

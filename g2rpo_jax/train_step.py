@@ -86,7 +86,7 @@ def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: 
         rng, key = jax.random.split(state.rng)
         glen = guide_lengths(state.guidance, trace_len, num_generations, example_idx if per_prompt else None)
         out = generate(graphdef, state.params, prompt_ids, prompt_mask, guide_ids, glen, key,
-                       sampling=sampling, eos_id=eos_id, pad_id=pad_id)
+                       sampling=sampling, eos_id=eos_id, pad_id=pad_id, group_size=num_generations)
         return state.replace(rng=rng), out, glen
 
     if placement is None:

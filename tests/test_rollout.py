@@ -208,3 +208,28 @@ def test_sample_token_rules():
         order = np.argsort(-probs[row])
         k = int(np.searchsorted(np.cumsum(probs[row][order]), top_p) + 1)
         assert np.isin(s[:, row], order[:k]).all()
+
+
+def test_group_shared_prefill_matches_per_row_prefill(model, batch):
+    """Groups of 4 rows sharing prompt and trace with different guide lengths (the longest not first,
+    unguided rows among them): prefilled once per group, greedy decoding equals repeated full forward
+    passes on each row's own context, and sampling draws the tokens of a per-row prefill."""
+    g, p = model
+    prompt, pmask, guide = (np.repeat(x[[0, 2]], 4, axis=0) for x in batch)  # groups from rows 0 and 2
+    guide_len = np.array([1, 0, 3, 2, 0, 5, 2, 5], np.int32)
+    contexts = [list(prompt[b][pmask[b]]) + list(guide[b, :guide_len[b]]) for b in range(8)]
+    greedy = generate(g, p, prompt, pmask, guide, guide_len, jax.random.key(0), group_size=4,
+                      sampling=SamplingParams(N, greedy=True), eos_id=-1, pad_id=PAD)
+    np.testing.assert_array_equal(np.asarray(greedy.tokens)[:, C:], _reference_greedy(model, contexts, N))
+
+    def sampled(group_size):
+        return generate(g, p, prompt, pmask, guide, guide_len, jax.random.key(3), group_size=group_size,
+                        sampling=SamplingParams(N, temperature=1.0), eos_id=-1, pad_id=PAD)
+
+    shared, per_row = sampled(4), sampled(1)
+    for a, b in zip(shared[:-1], per_row[:-1]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len({tuple(r) for r in np.asarray(shared.tokens)[:, C:].tolist()}) > 4  # rows really sampled
+    with pytest.raises(ValueError, match="group_size 3 must be >= 1 and divide the 8 rows"):
+        generate(g, p, prompt, pmask, guide, guide_len, jax.random.key(0), group_size=3,
+                 sampling=SamplingParams(N, greedy=True), eos_id=-1, pad_id=PAD)

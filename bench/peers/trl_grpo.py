@@ -59,6 +59,9 @@ def main(argv=None):
         max_grad_norm=0.0, max_steps=warmup + steps, logging_steps=1, save_strategy="no",
         report_to="none", seed=w.seed, shuffle_dataset=False, disable_tqdm=True,
         model_init_kwargs={"dtype": torch.float32},
+        # TRL's GRPOConfig turns gradient checkpointing on by default; ours keeps activations (its
+        # optim.gradient_checkpointing is off by default), so both do the same work.
+        gradient_checkpointing=False,
     )
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=letters, args=config,
                           train_dataset=Dataset.from_dict({"prompt": w.prompts()}),

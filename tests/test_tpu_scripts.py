@@ -54,6 +54,19 @@ def test_launch_runs_one_training_command_on_all_workers():
                      "train.output_dir=/mnt/g2rpo/runs/a b", "mesh.distributed=on", "train.resume=auto"]
 
 
+def test_flags_after_the_dashes_belong_to_training_and_help_is_the_header():
+    (cmd,) = dry("launch.sh", "--", "--config", "c.yaml", "--name", "x", "--help")  # not the script's
+    assert shlex.split(cmd[-1][len("--command="):])[8:14] == ["-m", "g2rpo_jax.train", "--config", "c.yaml",
+                                                              "--name", "x"]
+    for script in SCRIPTS:
+        if script.name == "common.sh":
+            continue
+        proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, env=ENV)
+        header = [line for line in script.read_text().splitlines()[1:] if line.startswith("#")]
+        assert proc.returncode == 0 and proc.stdout.splitlines() == header[:len(proc.stdout.splitlines())]
+        assert f"tpu_scripts/{script.name}" in proc.stdout  # the usage line is part of the help
+
+
 def test_setup_installs_jax_tpu_extra_and_mounts_the_bucket():
     (cmd,) = dry("setup.sh", "--repo", "https://example.com/g2rpo-jax.git", "--bucket", "my-bucket")
     remote = cmd[-1]
@@ -88,6 +101,8 @@ def test_gpu_launcher_single_and_multi_host():
     ("create.sh", ["--bogus"], "unknown flag '--bogus'"),
     ("launch.sh", [], "give the training arguments after --"),
     ("setup.sh", [], "--repo URL"),
+    ("delete.sh", ["--spot"], "unknown flag '--spot' for delete.sh"),
+    ("resume.sh", ["--watch"], "--watch needs a value"),
     ("launch_gpus.sh", ["--num-hosts", "2", "--", "x"], "--coordinator HOST:PORT"),
 ])
 def test_bad_flags_fail_with_one_line(script, args, words):

@@ -19,28 +19,49 @@ DRY_RUN="${DRY_RUN:-0}"
 JAX_TPU_SPEC="${JAX_TPU_SPEC:-jax[tpu]>=0.7,<0.13}"
 LOG_FILE="${LOG_FILE:-g2rpo-train.log}"
 MOUNT_DIR="${MOUNT_DIR:-/mnt/g2rpo}"
-# Flags a script leaves unparsed (e.g. training overrides), in order.
+# Flags before `--` that parse_common does not know (the script's own), and everything after `--`
+# (the training command's arguments), in order.
 REST=()
+TRAIN_ARGS=()
 
 die() { echo "error: $*" >&2; exit 2; }
 
-# Parse the common flags; anything else goes to REST for the script to read.
+# A flag's value must follow it: need_value "$@" before reading $2.
+need_value() { [ -n "${2:-}" ] || die "$1 needs a value"; }
+
+# The calling script's header comment (its help text).
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d'; }
+
+# Parse the common flags and -h/--help; after `--` everything is TRAIN_ARGS; anything else goes to
+# REST for the script to read.
 parse_common() {
   while [ $# -gt 0 ]; do
     case "$1" in
-      --name) TPU_NAME="${2:?--name needs a value}"; shift 2 ;;
-      --zone) TPU_ZONE="${2:?--zone needs a value}"; shift 2 ;;
-      --project) TPU_PROJECT="${2:?--project needs a value}"; shift 2 ;;
-      --accelerator) TPU_ACCELERATOR="${2:?--accelerator needs a value}"; shift 2 ;;
-      --version) TPU_RUNTIME="${2:?--version needs a value}"; shift 2 ;;
-      --repo) REPO_URL="${2:?--repo needs a value}"; shift 2 ;;
-      --branch) REPO_BRANCH="${2:?--branch needs a value}"; shift 2 ;;
-      --dir) REMOTE_DIR="${2:?--dir needs a value}"; shift 2 ;;
-      --bucket) GCS_BUCKET="${2:?--bucket needs a value}"; shift 2 ;;
+      --) shift; TRAIN_ARGS=("$@"); break ;;
+      -h|--help) usage; exit 0 ;;
+      --name) need_value "$@"; TPU_NAME="$2"; shift 2 ;;
+      --zone) need_value "$@"; TPU_ZONE="$2"; shift 2 ;;
+      --project) need_value "$@"; TPU_PROJECT="$2"; shift 2 ;;
+      --accelerator) need_value "$@"; TPU_ACCELERATOR="$2"; shift 2 ;;
+      --version) need_value "$@"; TPU_RUNTIME="$2"; shift 2 ;;
+      --repo) need_value "$@"; REPO_URL="$2"; shift 2 ;;
+      --branch) need_value "$@"; REPO_BRANCH="$2"; shift 2 ;;
+      --dir) need_value "$@"; REMOTE_DIR="$2"; shift 2 ;;
+      --bucket) need_value "$@"; GCS_BUCKET="$2"; shift 2 ;;
       --dry-run) DRY_RUN=1; shift ;;
       *) REST+=("$1"); shift ;;
     esac
   done
+}
+
+# For a script with no flags of its own: fail on any flag parse_common left.
+no_own_flags() {
+  if [ ${#REST[@]} -gt 0 ]; then die "unknown flag '${REST[0]}' for $(basename "$0") (see --help)"; fi
+}
+
+# For a script that runs training: fail when no arguments came after `--`.
+need_train_args() {
+  [ ${#TRAIN_ARGS[@]} -gt 0 ] || die "give the training arguments after --, e.g. -- --config configs/default.yaml"
 }
 
 # gcloud's location flags for this TPU.

@@ -4,13 +4,11 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "$0")/common.sh"
-usage() { sed -n '2,3p' "$0"; }
 parse_common "$@"
 EXTRA=()
 for arg in ${REST[@]+"${REST[@]}"}; do
   case "$arg" in
     --spot) EXTRA+=(--spot) ;;
-    -h|--help) usage; exit 0 ;;
     *) die "unknown flag '$arg' for create.sh (see --help)" ;;
   esac
 done

@@ -8,18 +8,13 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh"
 parse_common "$@"
 RESUME=0
-TRAIN_ARGS=()
-seen_dashes=0
 for arg in ${REST[@]+"${REST[@]}"}; do
-  if [ "${seen_dashes}" = 1 ]; then TRAIN_ARGS+=("$arg"); continue; fi
   case "$arg" in
-    --) seen_dashes=1 ;;
     --resume) RESUME=1 ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
     *) die "unknown flag '$arg' for launch.sh; training arguments go after --" ;;
   esac
 done
-[ ${#TRAIN_ARGS[@]} -gt 0 ] || die "give the training arguments after --, e.g. -- --config configs/default.yaml"
+need_train_args
 # Overrides go last (after --config), so these two join the user's: every process joins one run.
 TRAIN_ARGS+=(mesh.distributed=on)
 if [ "${RESUME}" = 1 ]; then TRAIN_ARGS+=(train.resume=auto); fi

@@ -16,23 +16,22 @@ COORDINATOR="${COORDINATOR:-}"
 NUM_HOSTS="${NUM_HOSTS:-1}"
 HOST_ID="${HOST_ID:-0}"
 PYTHON="${PYTHON:-python}"
-TRAIN_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --gpus) GPUS="${2:?--gpus needs a value}"; shift 2 ;;
-    --data) MESH_DATA="${2:?--data needs a value}"; shift 2 ;;
-    --fsdp) MESH_FSDP="${2:?--fsdp needs a value}"; shift 2 ;;
-    --tensor) MESH_TENSOR="${2:?--tensor needs a value}"; shift 2 ;;
-    --coordinator) COORDINATOR="${2:?--coordinator needs HOST:PORT}"; shift 2 ;;
-    --num-hosts) NUM_HOSTS="${2:?--num-hosts needs a value}"; shift 2 ;;
-    --host-id) HOST_ID="${2:?--host-id needs a value}"; shift 2 ;;
+    --gpus) need_value "$@"; GPUS="$2"; shift 2 ;;
+    --data) need_value "$@"; MESH_DATA="$2"; shift 2 ;;
+    --fsdp) need_value "$@"; MESH_FSDP="$2"; shift 2 ;;
+    --tensor) need_value "$@"; MESH_TENSOR="$2"; shift 2 ;;
+    --coordinator) need_value "$@"; COORDINATOR="$2"; shift 2 ;;
+    --num-hosts) need_value "$@"; NUM_HOSTS="$2"; shift 2 ;;
+    --host-id) need_value "$@"; HOST_ID="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
     *) die "unknown flag '$1' for launch_gpus.sh; training arguments go after --" ;;
   esac
 done
-[ ${#TRAIN_ARGS[@]} -gt 0 ] || die "give the training arguments after --, e.g. -- --config configs/default.yaml"
+need_train_args
 if [ "${NUM_HOSTS}" -gt 1 ] && [ -z "${COORDINATOR}" ]; then
   die "--num-hosts ${NUM_HOSTS} needs --coordinator HOST:PORT (process 0's address, the same on every host)"
 fi

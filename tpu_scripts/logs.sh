@@ -9,8 +9,7 @@ WORKER=0
 set -- ${REST[@]+"${REST[@]}"}
 while [ $# -gt 0 ]; do
   case "$1" in
-    --worker) WORKER="${2:?--worker needs a value}"; shift 2 ;;
-    -h|--help) sed -n '2,3p' "$0"; exit 0 ;;
+    --worker) need_value "$@"; WORKER="$2"; shift 2 ;;
     *) die "unknown flag '$1' for logs.sh" ;;
   esac
 done

@@ -11,21 +11,16 @@ here="$(dirname "$0")"
 parse_common "$@"
 WATCH=0
 SPOT=()
-TRAIN_ARGS=()
-seen_dashes=0
-for arg in ${REST[@]+"${REST[@]}"}; do
-  if [ "${seen_dashes}" = 1 ]; then TRAIN_ARGS+=("$arg"); continue; fi
-  case "$arg" in
-    --) seen_dashes=1 ;;
-    --spot) SPOT=(--spot) ;;
-    --watch=*) WATCH="${arg#--watch=}" ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
-    *) if [ "${prev:-}" = --watch ]; then WATCH="$arg"; elif [ "$arg" != --watch ]; then
-         die "unknown flag '$arg' for resume.sh; training arguments go after --"; fi ;;
+set -- ${REST[@]+"${REST[@]}"}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --spot) SPOT=(--spot); shift ;;
+    --watch) need_value "$@"; WATCH="$2"; shift 2 ;;
+    --watch=*) WATCH="${1#--watch=}"; shift ;;
+    *) die "unknown flag '$1' for resume.sh; training arguments go after --" ;;
   esac
-  prev="$arg"
 done
-[ ${#TRAIN_ARGS[@]} -gt 0 ] || die "give the training arguments after --, e.g. -- --config configs/default.yaml"
+need_train_args
 common=(--name "${TPU_NAME}" --zone "${TPU_ZONE}" --accelerator "${TPU_ACCELERATOR}" --version "${TPU_RUNTIME}"
         --branch "${REPO_BRANCH}" --dir "${REMOTE_DIR}")
 if [ -n "${TPU_PROJECT}" ]; then common+=(--project "${TPU_PROJECT}"); fi

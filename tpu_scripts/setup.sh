@@ -7,12 +7,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "$0")/common.sh"
 parse_common "$@"
-if [ ${#REST[@]} -gt 0 ]; then
-  case "${REST[0]}" in
-    -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
-    *) die "unknown flag '${REST[0]}' for setup.sh" ;;
-  esac
-fi
+no_own_flags
 [ -n "${REPO_URL}" ] || die "set the repository to clone: --repo URL (or REPO_URL)"
 remote="set -e; sudo apt-get -qq update && sudo apt-get -qq install -y python3-venv git"
 remote+="; if [ -d $(printf %q "${REMOTE_DIR}") ]; then git -C $(printf %q "${REMOTE_DIR}") fetch -q origin"

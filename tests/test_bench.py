@@ -42,3 +42,22 @@ def test_grpo_step_runs_a_tiny_workload():
     assert row["compiles_after_warmup"] == 0
     assert row["gen_tokens_per_sec"] == 4 * 3 / row["gen_sec_per_step"]
     assert 0 < row["gen_sec_per_step"] <= row["sec_per_step"] and row["peak_rss_mb"] > 0
+
+
+def test_table_medians_ratios_and_run_peak(tmp_path, capsys):
+    import table
+
+    def line(system, sec, gen, peak):
+        return json.dumps({"system": system, "workload": "W1", "sec_per_step": sec, "gen_sec_per_step": gen,
+                           "matmul_peak_flops_per_sec": peak, "flops_breakdown": {"total": 100e9, "generation": 20e9}})
+
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join([line("g2rpo_jax", 1.0, 0.2, 50e9), line("g2rpo_jax", 3.0, 0.4, 100e9),
+                               line("trl", 8.0, 3.0, 80e9), "not json"]) + "\n")
+    table.main(str(path))
+    out = capsys.readouterr().out
+    assert "| W1 | g2rpo_jax | 2 | 2.00 |" in out  # the median of 1.0 and 3.0
+    assert "run peak (best per-process matmul peak in this file): 100 GFLOP/s" in out
+    # floor at the run peak: 100 GFLOP / 100 GFLOP/s = 1 s, generation 0.2 s -> 2.0x and 1.5x (0.3 / 0.2)
+    assert "W1: g2rpo_jax at the run peak: 2.0x floor, generation 1.5x floor" in out
+    assert "W1: trl sec_per_step / g2rpo_jax sec_per_step = 4.0x" in out

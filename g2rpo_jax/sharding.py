@@ -106,7 +106,8 @@ def batch_divisor(mesh: Mesh) -> int:
     return int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
-def check_batch(mesh: Mesh, prompts_per_step: int, num_generations: int, gradient_accumulation_steps: int = 1) -> None:
+def check_batch(mesh: Mesh, prompts_per_step: int, num_generations: int,
+                gradient_accumulation_steps: int = 1) -> None:
     rows, div = prompts_per_step * num_generations, batch_divisor(mesh)
     if rows % div:
         raise ShardingError(

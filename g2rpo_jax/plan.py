@@ -5,7 +5,8 @@ and the sharding rules of g2rpo_jax/sharding.py (nothing is compiled or allocate
 Adam moments, reference policy, gradients, the rollout's KV cache and the update's activations. The
 peak is the persistent state plus the larger of the rollout (KV cache) and the update (gradients +
 activations of one micro-batch, optim.gradient_accumulation_steps and optim.gradient_checkpointing
-taken into account); the activation term is an estimate (XLA temporaries ignored), so leave headroom. Exit code 1 with a warning when the peak does not fit the device memory.
+taken into account); the activation term is an estimate (XLA temporaries ignored), so leave
+headroom. Exit code 1 with a warning when the peak does not fit the device memory.
 """
 
 from __future__ import annotations

@@ -113,24 +113,29 @@ def _head_log_probs_fwd(hidden, weight, targets, block):
     V = weight.shape[0]
     N = hidden.shape[0]
 
-    def step(carry, xs):  # online logsumexp over vocabulary blocks, plus the target's logit
-        m, l, picked = carry
+    def step(carry, xs):  # online logsumexp (and sum of exp(s - m) * s) over vocabulary blocks
+        m, l, ls, picked = carry
         s, ids = _block_logits(hidden, *xs, block, V)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
+        rescale = jnp.exp(m - m_new)
+        e = jnp.exp(s - m_new[:, None])
+        l = l * rescale + jnp.sum(e, axis=1)
+        ls = ls * rescale + jnp.sum(jnp.where(ids[None, :] < V, e * s, 0.0), axis=1)  # padded ids: s = -inf
         picked = picked + jnp.sum(jnp.where(ids[None, :] == targets[:, None], s, 0.0), axis=1)
-        return (m_new, l, picked), None
+        return (m_new, l, ls, picked), None
 
-    init = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32))
-    (m, l, picked), _ = jax.lax.scan(step, init, _weight_blocks(weight, block))
+    zeros = jnp.zeros((N,), jnp.float32)
+    init = (jnp.full((N,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
+    (m, l, ls, picked), _ = jax.lax.scan(step, init, _weight_blocks(weight, block))
     lse = m + jnp.log(l)
-    return picked - lse, (hidden, weight, targets, lse)
+    entropy = lse - ls / l  # -sum p log p = lse - sum p s
+    return (picked - lse, entropy), (hidden, weight, targets, lse)
 
 
-def _head_log_probs_bwd(block, res, g):
+def _head_log_probs_bwd(block, res, cotangents):
     hidden, weight, targets, lse = res
     V, H = weight.shape
-    g = g.astype(jnp.float32)
+    g = cotangents[0].astype(jnp.float32)  # the entropy is a metric: its cotangent is ignored
 
     def step(dh, xs):  # rebuild the block's softmax; d logp / d logits = onehot(target) - softmax
         w = xs[0]
@@ -145,12 +150,15 @@ def _head_log_probs_bwd(block, res, g):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def head_log_probs(hidden, weight, targets, block: int):
-    """``log softmax(hidden @ weight.T)[targets]`` without ever holding the ``[N, V]`` logits.
+    """``log softmax(hidden @ weight.T)[targets]`` and the softmax's entropy, without ever holding
+    the ``[N, V]`` logits.
 
     ``hidden`` [N, H], ``weight`` [V, H] (the LM head / tied embedding), ``targets`` [N] -> float32
-    [N]. A scan over vocabulary blocks of ``block`` rows keeps an online logsumexp; the backward
-    rebuilds each block's softmax (one extra head matmul) and returns both gradients. Every logit
-    tile is ``[N, block]``, small enough to stay in cache, so the softmax costs no memory traffic.
+    ``(log_probs [N], entropy [N])``. A scan over vocabulary blocks of ``block`` rows keeps an online
+    logsumexp; the backward rebuilds each block's softmax (one extra head matmul) and returns both
+    gradients. Every logit tile is ``[N, block]``, small enough to stay in cache, so the softmax costs
+    no memory traffic. The entropy (TRL's ``entropy`` metric) is not differentiated: its gradient is
+    taken as zero.
     """
     return _head_log_probs_fwd(hidden, weight, targets, block)[0]
 
@@ -284,11 +292,13 @@ def loss_sums(
     *,
     loss_type: str = "grpo",
     max_completion_length: Optional[int],
+    entropy=None,
     **token_loss_kwargs,
 ):
     """The additive pieces of :func:`policy_loss`: ``loss_numerator`` / ``loss_denominator``
-    (`loss_parts`), ``tokens`` (the effective mask's count) and the masked sums of the metrics. Summed
-    over micro-batches they are the whole batch's; :func:`loss_metrics` turns them into means."""
+    (`loss_parts`), ``tokens`` (the effective mask's count) and the masked sums of the metrics
+    (``entropy`` [B, T] too, when given). Summed over micro-batches they are the whole batch's;
+    :func:`loss_metrics` turns them into means."""
     _check_choice("loss_type", loss_type, LOSS_TYPES)
     per_tok, mask, aux = per_token_loss(logp, old_logp, ref_logp, advantages, completion_mask, guidance_mask,
                                         **token_loss_kwargs)
@@ -303,6 +313,8 @@ def loss_sums(
             "clip_ratio/region_mean": masked_sum(jnp.maximum(low, high))}
     if "kl" in aux:
         sums["kl"] = masked_sum(aux["kl"])
+    if entropy is not None:
+        sums["entropy"] = masked_sum(jnp.where(mask > 0, jax.lax.stop_gradient(entropy), 0.0))
     return sums
 
 

@@ -21,6 +21,7 @@ PLOTS = (
      [("frac_reward_zero_std", "frac_reward_zero_std")]),
     ("guidance_length.png", "Guidance length L", "tokens", [("guidance/length", "L")]),
     ("kl.png", "KL to the reference policy", "kl", [("kl", "kl")]),
+    ("entropy.png", "Policy entropy on completion tokens", "nats", [("entropy", "entropy")]),
 )
 
 

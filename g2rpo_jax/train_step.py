@@ -56,8 +56,9 @@ def make_optimizer(schedule: optax.Schedule, *, adam_beta1=0.9, adam_beta2=0.999
 
 
 def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, window: int | None = None,
-                       temperature: float = 1.0, remat: bool = False):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for the last ``window`` t (default every t): [B, window].
+                       temperature: float = 1.0, remat: bool = False, with_entropy: bool = False):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for the last ``window`` t (default every t): [B, window]
+    (with ``with_entropy``, also the entropy of each of those distributions, not differentiated).
 
     p is softmax(logits / temperature): the distribution the rollout sampled from, as TRL scores it.
     The decoder runs over all T-1 input positions, the LM head only over the window, vocabulary
@@ -72,7 +73,9 @@ def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, wind
     weight = lm_head_weight(graphdef, params)
     # logits / T == (hidden / T) @ weight.T: the temperature costs one [N, H] scale, not a [N, V] one.
     hidden = (hidden / temperature).astype(weight.dtype)
-    return head_log_probs(hidden, weight, targets, vocab_block(B * window, weight.shape[0])).reshape(B, window)
+    logp, entropy = head_log_probs(hidden, weight, targets, vocab_block(B * window, weight.shape[0]))
+    logp, entropy = logp.reshape(B, window), jax.lax.stop_gradient(entropy).reshape(B, window)
+    return (logp, entropy) if with_entropy else logp
 
 
 def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int,
@@ -144,15 +147,16 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
     # LM head runs on those positions only; earlier positions would be masked out of the loss anyway.
     window = max_completion_length
 
-    def log_probs(params, mb, remat=False):
+    def log_probs(params, mb, remat=False, with_entropy=False):
         return sequence_log_probs(graphdef, params, mb["tokens"], mb["positions"], mb["attention_mask"], window,
-                                  logprob_temperature, remat=remat)
+                                  logprob_temperature, remat=remat, with_entropy=with_entropy)
 
     def micro_loss(params, mb, old_logp, ref_logp, batch_denominator):
-        logp = log_probs(params, mb, gradient_checkpointing)
+        logp, entropy = log_probs(params, mb, gradient_checkpointing, with_entropy=True)
         w = logp.shape[1]
         sums = loss_sums(logp, old_logp, ref_logp, mb["advantages"], mb["completion_mask"][:, -w:],
-                         mb["guidance_mask"][:, -w:], max_completion_length=max_completion_length, **loss_kwargs)
+                         mb["guidance_mask"][:, -w:], max_completion_length=max_completion_length,
+                         entropy=entropy, **loss_kwargs)
         # This micro-batch's share of the whole batch's loss (bnpo: TRL's per-micro-batch token mean).
         den = k * sums["loss_denominator"] if loss_type == "bnpo" else batch_denominator
         return sums["loss_numerator"] / jnp.maximum(den, 1.0), sums

@@ -54,11 +54,15 @@ def test_head_log_probs_equal_whole_logits_values_and_grads():
     def whole(h, w):
         return jnp.sum(g * token_log_probs(h @ w.T, t))
 
+    probs = jax.nn.softmax(h @ w.T, axis=-1)
+    want_entropy = -jnp.sum(probs * jnp.log(probs), axis=-1)
     for block in (7, 16, V):  # 8 blocks with padding, 4 blocks, a single block
         def blocked(h, w):
-            return jnp.sum(g * head_log_probs(h, w, t, block))
+            return jnp.sum(g * head_log_probs(h, w, t, block)[0])
 
-        np.testing.assert_allclose(head_log_probs(h, w, t, block), token_log_probs(h @ w.T, t), rtol=1e-5, atol=1e-5)
+        logp, entropy = head_log_probs(h, w, t, block)
+        np.testing.assert_allclose(logp, token_log_probs(h @ w.T, t), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(entropy, want_entropy, rtol=1e-5, atol=1e-5)
         for a, b in zip(jax.grad(whole, (0, 1))(h, w), jax.grad(blocked, (0, 1))(h, w)):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
@@ -109,9 +113,14 @@ def test_update_loss_matches_unchunked_reference(temperature):
     ref = _full_log_probs(g, ref_params, tokens, positions, mask, temperature)
     want, aux = policy_loss(logp, logp, ref, group_advantages(rewards, 2), completion[:, 1:],
                             np.zeros((B, S - 1), bool), max_completion_length=window, **kw)
-    _, m = update(state, batch, rewards, jnp.float32(0.0))
+    _, m = update(jax.tree.map(jnp.copy, state), batch, rewards, jnp.float32(0.0))  # donates its state
     np.testing.assert_allclose(m["loss"], want, rtol=1e-5, atol=1e-7)  # the loss is O(1e-3): float32 noise
     np.testing.assert_allclose(m["kl"], aux["kl"], rtol=1e-4)
+    # TRL's entropy metric: the mean over completion tokens of the entropy of softmax(logits / T)
+    logits, _ = forward(g, params, tokens[:, :-1], positions[:, :-1], mask[:, :-1])
+    probs = jax.nn.softmax(logits / temperature, axis=-1)
+    entropy = -np.sum(np.asarray(probs * jnp.log(probs)), axis=-1)
+    np.testing.assert_allclose(m["entropy"], entropy[completion[:, 1:]].mean(), rtol=1e-5)
     assert float(aux["kl"]) > 0
 
 

@@ -43,6 +43,7 @@ def test_plot_writes_valid_pngs(tmp_path, capsys):
     for s in range(1, 11):
         rows.append({"step": s, "reward": s / 10, "reward/guided": 1.0, "reward/unguided": None if s == 3 else s / 20,
                      "frac_reward_zero_std": 1 - s / 10, "guidance/length": 40 - 2 * s, "kl": 1e-3 * s,
+                     "entropy": 2.0 - s / 10,
                      "time/step": 0.1, **({"eval/accuracy": 0.2 + s / 50} if s % 5 == 0 else {})})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cli_main(["plot", str(tmp_path)]) == 0
@@ -50,7 +51,7 @@ def test_plot_writes_valid_pngs(tmp_path, capsys):
     expected = [tmp_path / "plots" / name for name, *_ in PLOTS]
     assert [str(p) for p in expected] == printed
     assert {p.name for p in expected} == {"reward.png", "eval_accuracy.png", "frac_reward_zero_std.png",
-                                          "guidance_length.png", "kl.png"}
+                                          "guidance_length.png", "kl.png", "entropy.png"}
     for path in expected:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         image = plt.imread(path)

@@ -28,9 +28,8 @@ import workload as wl  # noqa: E402
 from g2rpo_jax.guidance import GuidanceConfig, init_guidance_state  # noqa: E402
 from g2rpo_jax.models import ModelConfig, init_model  # noqa: E402
 from g2rpo_jax.rollout import SamplingParams, decode_texts  # noqa: E402
-from g2rpo_jax.train_step import TrainState, make_optimizer, make_rollout_fn, make_update_fn  # noqa: E402
+from g2rpo_jax.train_step import BATCH_KEYS, TrainState, make_optimizer, make_rollout_fn, make_update_fn  # noqa: E402
 
-BATCH_KEYS = ("tokens", "positions", "attention_mask", "completion_mask", "guidance_mask")
 
 
 class CompileCounter:

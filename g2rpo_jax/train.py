@@ -39,8 +39,8 @@ from g2rpo_jax.sharding import (Placement, abstract_like, check_batch, gather_ho
                                 maybe_initialize_distributed, process_rows, shard_state, sync_processes, to_host,
                                 tree_shardings)
 from g2rpo_jax.dynamic_sampling import choose_groups, enough_groups, group_rows, groups_with_spread, take_rows
-from g2rpo_jax.train_step import (TrainState, learning_rate_schedule, make_optimizer, make_record_fn, make_rollout_fn,
-                                  make_update_fn)
+from g2rpo_jax.train_step import (BATCH_KEYS, TrainState, learning_rate_schedule, make_optimizer, make_record_fn,
+                                  make_rollout_fn, make_update_fn)
 from g2rpo_jax.warm_start import warm_start
 
 log = logging.getLogger("g2rpo_jax")
@@ -184,6 +184,9 @@ class StepRollouts:
     num_rollouts: int
     num_gen_batches: int
     num_generated_tokens: int
+    # The update's rows as the rollout left them on the mesh; None when the host chose the rows
+    # (dynamic sampling), which the update then gets from the host arrays.
+    device_batch: dict | None = None
 
 
 _ROLLOUT_ROWS = ("tokens", "positions", "attention_mask", "completion_mask", "guidance_mask", "completion_length",
@@ -205,8 +208,8 @@ def collect_rollouts(state, rollout_fn, record_fn, iterator, ds: TokenizedDatase
         inputs = global_batch({"ids": ds.prompt_ids[idx[mine]], "mask": ds.prompt_mask[idx[mine]],
                                "guide": ds.guide_ids[idx[mine]], "len": ds.guide_len[idx[mine]], "idx": idx[mine]},
                               placement.batch, n)
-        state, ro, glen = rollout_fn(state, *inputs.values())
-        ro, glen = jax.tree.map(to_host, ro), to_host(glen)
+        state, device_ro, glen = rollout_fn(state, *inputs.values())
+        ro, glen = jax.tree.map(to_host, device_ro), to_host(glen)
         rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], reward_fns, weights, mine)
         rewards, parts = gather_host(rewards, mine, n), {k: gather_host(v, mine, n) for k, v in parts.items()}
         if cfg.guidance.per_prompt:
@@ -218,8 +221,9 @@ def collect_rollouts(state, rollout_fn, record_fn, iterator, ds: TokenizedDatase
     counts = dict(signal=float(np.concatenate([d["parts"][signal_name] for d in draws]).mean()),
                   num_rollouts=sum(len(d["idx"]) for d in draws), num_gen_batches=len(draws),
                   num_generated_tokens=int(sum(np.asarray(d["rollout"].num_generated).sum() for d in draws)))
-    if not r.dynamic_sampling:
-        return state, StepRollouts(**draws[0], **counts)
+    if not r.dynamic_sampling:  # the update trains on the rows still on the devices: no upload
+        device_batch = {k: getattr(device_ro, k) for k in BATCH_KEYS}
+        return state, StepRollouts(**draws[0], **counts, device_batch=device_batch)
     rows = group_rows(choose_groups(spreads, r.prompts_per_step), g)
     ro = draws[0]["rollout"]._replace(**{f: take_rows([getattr(d["rollout"], f) for d in draws], rows)
                                          for f in _ROLLOUT_ROWS})
@@ -453,8 +457,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
                                               placement=placement)
                 ro, idx, glen, rewards, parts, texts = got.rollout, got.idx, got.glen, got.rewards, got.parts, got.texts
                 mine = process_rows(placement.batch, len(idx))  # host rows -> global arrays on the mesh
-                batch = global_batch({k: np.asarray(getattr(ro, k))[mine] for k in (
-                    "tokens", "positions", "attention_mask", "completion_mask", "guidance_mask")}, placement.batch, len(idx))
+                batch = got.device_batch or global_batch({k: np.asarray(getattr(ro, k))[mine] for k in BATCH_KEYS},
+                                                         placement.batch, len(idx))
                 state, m = update_fn(state, batch, global_batch({"r": rewards[mine]}, placement.batch, len(idx))["r"],
                                      shard_state(np.float32(got.signal), placement.replicated))
                 m = jax.device_get(m)

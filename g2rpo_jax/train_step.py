@@ -118,6 +118,10 @@ def group_reward_stats(rewards, num_generations: int) -> dict:
     }
 
 
+# The rollout fields the update reads (its `batch` argument).
+BATCH_KEYS = ("tokens", "positions", "attention_mask", "completion_mask", "guidance_mask")
+
+
 def micro_batches(tree, k: int):
     """Leaves [B, ...] -> [k, B / k, ...]. Micro-batch j holds rows j, j + k, j + 2k, ...: each
     device's contiguous block of rows feeds every micro-batch equally, so splitting moves no data."""
@@ -176,8 +180,7 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
 
     def update(state: TrainState, batch: dict, rewards, signal):
         adv = group_advantages(rewards, num_generations, scale_rewards)
-        rows = {key: batch[key] for key in ("tokens", "positions", "attention_mask", "completion_mask",
-                                            "guidance_mask")}
+        rows = {key: batch[key] for key in BATCH_KEYS}
         micro = micro_batches(dict(rows, advantages=adv), k)
         # The whole batch's loss denominator (sequences or tokens) depends on the masks only.
         w = min(window, rows["tokens"].shape[1] - 1)

@@ -22,7 +22,7 @@ from g2rpo_jax.models import ModelConfig, init_model
 from g2rpo_jax.rollout import SamplingParams
 from g2rpo_jax.sharding import (Placement, gather_host, global_batch, maybe_initialize_distributed, per_device_bytes,
                                 process_rows, shard_state, to_host, tree_shardings)
-from g2rpo_jax.train_step import TrainState, make_optimizer, make_rollout_fn, make_update_fn
+from g2rpo_jax.train_step import BATCH_KEYS, TrainState, make_optimizer, make_rollout_fn, make_update_fn
 
 MESHES = ((8, 1, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2))
 ACCUMULATION_MESH = (2, 2, 2)
@@ -96,7 +96,6 @@ def run(placement: Placement | None, steps: int = STEPS, **update_kwargs):
     return state, np.array(losses), np.array(rewards_seen)
 
 
-BATCH_KEYS = ("tokens", "positions", "attention_mask", "completion_mask", "guidance_mask")
 
 
 def flat_params(params) -> dict:

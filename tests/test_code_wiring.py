@@ -16,6 +16,7 @@ from g2rpo_jax.data.sources import load_examples
 from g2rpo_jax.rewards import REWARD_FUNCS, configured_rewards
 from g2rpo_jax.rewards.code import parse_tests, stdio_tests
 from g2rpo_jax.sharding import Placement
+from g2rpo_jax.train_step import BATCH_KEYS
 
 PRINT3 = "print(3)"  # a program without a fenced block: runs only with code_fallback_to_completion
 FENCED3 = f"```python\n{PRINT3}\n```"
@@ -102,7 +103,8 @@ def test_code_pass_fraction_drives_the_controller_and_the_evaluator(monkeypatch)
     monkeypatch.setattr(train_mod, "decode_texts", lambda tok, ro: texts)
     ds = SimpleNamespace(prompt_ids=np.zeros((1, 2), np.int32), prompt_mask=np.ones((1, 2), bool),
                          guide_ids=np.zeros((1, 2), np.int32), guide_len=np.zeros(1, np.int32), answers=[TESTS3])
-    ro = namedtuple("Ro", "num_generated")(np.ones(4, np.int32))  # a pytree, as the real Rollout is
+    # a pytree, as the real Rollout is, with the fields the scoring and the update read
+    ro = namedtuple("Ro", ["num_generated", *BATCH_KEYS])(np.ones(4, np.int32), *[np.zeros((4, 3))] * len(BATCH_KEYS))
     iterator = SimpleNamespace(next_indices=lambda: np.array([0]))
     _, got = train_mod.collect_rollouts(None, lambda state, *a: (state, ro, np.zeros(4, np.int32)), None, iterator,
                                         ds, None, cfg, [1.0], fns, placement=Placement.build(cfg.mesh))

@@ -2,8 +2,8 @@
 
     python bench/grpo_step.py --workload W1          # or W2; prints one JSON line
 
-Uses the project's own training pieces (make_rollout_fn / make_update_fn), so the number is what a
-user runs: jitted rollout, host-side reward on decoded text, jitted update with the reference
+Uses the project's own step builder (train_step.build_step_fns, as `g2rpo train` and `g2rpo compile`),
+so the number is what a user runs: jitted rollout, host-side reward on decoded text, jitted update with the reference
 forward. Warm-up steps (which compile) are reported as compile_sec; every XLA compile after them is
 counted in compiles_after_warmup.
 """
@@ -22,13 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import workload as wl  # noqa: E402
-from g2rpo_jax.guidance import GuidanceConfig, init_guidance_state  # noqa: E402
+from g2rpo_jax.config import Config, load_config  # noqa: E402
 from g2rpo_jax.models import ModelConfig, init_model  # noqa: E402
-from g2rpo_jax.rollout import SamplingParams, decode_texts  # noqa: E402
-from g2rpo_jax.train_step import BATCH_KEYS, TrainState, make_optimizer, make_rollout_fn, make_update_fn  # noqa: E402
+from g2rpo_jax.rollout import decode_texts  # noqa: E402
+from g2rpo_jax.train_step import BATCH_KEYS, build_optimizer, build_step_fns, init_train_state  # noqa: E402
 
 
 
@@ -78,27 +77,29 @@ def prompt_batch(w: wl.Workload, tok) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.ones_like(rows, bool)
 
 
+def workload_config(w: wl.Workload) -> Config:
+    """The workload's GRPO settings as a run config: vanilla GRPO (no guided rows), constant
+    learning rate, no gradient clipping, exactly `new_tokens` per completion."""
+    return load_config(None, [
+        f"data.max_prompt_length={w.prompt_tokens}", "data.max_guidance_length=0",
+        f"rollout.num_generations={w.num_generations}", f"rollout.prompts_per_step={w.num_prompts}",
+        f"rollout.max_completion_length={w.new_tokens}", f"rollout.temperature={w.temperature}",
+        "rollout.top_p=1.0", "rollout.top_k=0", "guidance.schedule=fixed", "guidance.ratio=0",
+        "loss.loss_type=grpo", f"loss.beta={w.beta}", f"loss.epsilon={w.epsilon}", "loss.kl_estimator=k3",
+        "loss.num_iterations=1", "loss.scale_rewards=group", "loss.guidance_loss=train",
+        f"optim.learning_rate={w.learning_rate}", "optim.lr_scheduler_type=constant", "optim.max_grad_norm=0",
+        f"train.seed={w.seed}"])
+
+
 def build(w: wl.Workload, tok):
-    """(state, rollout_fn, update_fn, prompt arrays) wired as train.py wires them."""
+    """(state, rollout_fn, update_fn, prompt arrays) from the workload's config, built as train.py builds them."""
+    cfg = workload_config(w)
     graphdef, params = init_model(model_config(w), seed=w.seed)
-    schedule = optax.constant_schedule(w.learning_rate)
-    optimizer = make_optimizer(schedule, max_grad_norm=0.0)
-    guidance_cfg = GuidanceConfig(schedule="fixed", ratio=0.0)  # vanilla GRPO: no guided rows
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                       ref_params=jax.tree.map(jnp.copy, params), guidance=init_guidance_state(guidance_cfg),
-                       rng=jax.random.PRNGKey(w.seed))
-    state = jax.device_put(state, jax.devices()[0])
-    sampling = SamplingParams(max_new_tokens=w.new_tokens, temperature=w.temperature)
-    rollout_fn = make_rollout_fn(graphdef, sampling, eos_id=-1, pad_id=wl.PAD_ID,
-                                 num_generations=w.num_generations)
-    loss_kwargs = dict(loss_type="grpo", beta=w.beta, epsilon_low=w.epsilon, epsilon_high=w.epsilon,
-                       kl_estimator="k3", guidance_loss="train")
-    update_fn = make_update_fn(graphdef, optimizer, schedule, loss_kwargs=loss_kwargs,
-                               num_generations=w.num_generations, num_iterations=1, scale_rewards="group",
-                               guidance_cfg=guidance_cfg, max_completion_length=w.new_tokens,
-                               logprob_temperature=w.temperature)
+    optimizer, schedule = build_optimizer(cfg)
+    state = jax.device_put(init_train_state(cfg, params, optimizer, 1), jax.devices()[0])
+    fns = build_step_fns(cfg, graphdef, optimizer, schedule, eos_id=-1, pad_id=wl.PAD_ID, eval_rows=w.batch_rows)
     prompt_ids, prompt_mask = prompt_batch(w, tok)
-    return state, rollout_fn, update_fn, prompt_ids, prompt_mask
+    return state, fns.rollout, fns.update, prompt_ids, prompt_mask
 
 
 def run(w: wl.Workload, warmup: int, steps: int, peak_size: int = 2048) -> str:

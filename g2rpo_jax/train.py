@@ -34,13 +34,13 @@ from g2rpo_jax.models.transformer import count_params
 from g2rpo_jax.plan import detect_device_memory, fit_warning, format_bytes, memory_plan
 from g2rpo_jax.policy import architecture, load_policy_tokenizer, load_pretrained_params, pretrained_config
 from g2rpo_jax.rewards import ScoringPool, combine_rewards, configured_rewards
-from g2rpo_jax.rollout import Rollout, SamplingParams, complete_prompts, decode_texts
+from g2rpo_jax.rollout import Rollout, decode_texts
 from g2rpo_jax.sharding import (Placement, abstract_like, check_batch, gather_host, global_batch,
                                 maybe_initialize_distributed, process_rows, shard_state, sync_processes, to_host,
                                 tree_shardings)
 from g2rpo_jax.dynamic_sampling import choose_groups, enough_groups, group_rows, groups_with_spread, take_rows
-from g2rpo_jax.train_step import (BATCH_KEYS, TrainState, learning_rate_schedule, make_optimizer, make_record_fn,
-                                  make_rollout_fn, make_update_fn)
+from g2rpo_jax.train_step import (BATCH_KEYS, TrainState, build_optimizer, build_step_fns, init_train_state,
+                                  resolved_guidance)
 from g2rpo_jax.warm_start import warm_start
 
 log = logging.getLogger("g2rpo_jax")
@@ -130,13 +130,11 @@ def init_policy(cfg: Config, model_cfg):
     return init_model(model_cfg, cfg.train.seed)
 
 
-def make_evaluator(graphdef, tokenizer, test: TokenizedDataset, cfg: Config, pool=None):
-    """Greedy accuracy on held-out problems (no guidance), in fixed-size chunks (one compile). Accuracy
-    is the reward that drives the guidance controller (``reward.controller_signal``)."""
-    e = cfg.eval
-    n = min(e.num_problems, len(test.answers))
-    bs = min(e.batch_size, n)
-    sampling = SamplingParams(max_new_tokens=e.max_new_tokens, greedy=True)
+def make_evaluator(generate_fn, tokenizer, test: TokenizedDataset, cfg: Config, pool=None):
+    """Greedy accuracy on held-out problems (no guidance), in chunks of `eval_batch_rows(cfg, test)`
+    rows (one compile): `generate_fn` is `StepFns.generate_eval`. Accuracy is the reward that drives
+    the guidance controller (``reward.controller_signal``)."""
+    n, bs = min(cfg.eval.num_problems, len(test.answers)), eval_batch_rows(cfg, test)
     signal = cfg.reward.controller_signal
     reward_fn = configured_rewards([signal], cfg.reward, pool)[signal]
 
@@ -144,13 +142,18 @@ def make_evaluator(graphdef, tokenizer, test: TokenizedDataset, cfg: Config, poo
         correct = []
         for start in range(0, n, bs):
             idx = np.arange(start, start + bs) % n  # the last chunk wraps around; extras are dropped
-            texts = complete_prompts(graphdef, params, tokenizer, test.prompt_ids[idx], test.prompt_mask[idx],
-                                     jax.random.PRNGKey(0), sampling=sampling)
+            texts = decode_texts(tokenizer, generate_fn(params, test.prompt_ids[idx], test.prompt_mask[idx],
+                                                        jax.random.PRNGKey(0)))
             keep = min(bs, n - start)
             correct += reward_fn(texts[:keep], [test.answers[i] for i in idx[:keep]])
         return {"eval/accuracy": float(np.mean(correct)), "eval/num_problems": n}
 
     return evaluate
+
+
+def eval_batch_rows(cfg: Config, test: TokenizedDataset) -> int:
+    """Rows per evaluation generate: eval.batch_size, or fewer when there are fewer problems."""
+    return min(cfg.eval.batch_size, cfg.eval.num_problems, len(test.answers))
 
 
 def should_eval(step: int, cfg: Config) -> bool:
@@ -324,15 +327,9 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
              f"{cfg.data.test_max_steps}" if cfg.data.source == "embedded"
              else f"{cfg.data.source} {cfg.data.dataset_name}")
 
-    r, lc, g = cfg.rollout, cfg.loss, cfg.rollout.num_generations
-    guidance_cfg = cfg.guidance
-    if guidance_cfg.total_steps == 0:
-        guidance_cfg = dataclasses.replace(guidance_cfg, total_steps=max(cfg.train.max_steps, 1))
-    o = cfg.optim
-    schedule = learning_rate_schedule(o.learning_rate, cfg.train.max_steps, o.warmup_ratio, o.min_lr_rate,
-                                      o.lr_scheduler_type)
-    optimizer = make_optimizer(schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-                               weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
+    r, g = cfg.rollout, cfg.rollout.num_generations
+    guidance_cfg = resolved_guidance(cfg)
+    optimizer, schedule = build_optimizer(cfg)
     placement = Placement.build(cfg.mesh)
     check_batch(placement.mesh, r.prompts_per_step, g, cfg.optim.gradient_accumulation_steps)
     log.info("mesh %s", placement.describe())
@@ -375,11 +372,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
         start = 0
         # placed first: the warm start then runs (and is cached) on the mesh like everything else
         params = warm_start(cfg, model_cfg, tok, graphdef, shard_state(params, tree_shardings(params, placement.mesh)))
-        state = TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-            # A separate copy: the update donates the state's buffers, and the reference stays frozen.
-            ref_params=jax.tree.map(jnp.copy, params), guidance=init_guidance_state(guidance_cfg, len(task.train)),
-            rng=jax.random.PRNGKey(cfg.train.seed))
+        state = init_train_state(cfg, params, optimizer, len(task.train))
         ckpt.save_reference(state.ref_params)  # the initial policy, once: every resume restores it
     else:
         start, params, saved, iterator_state, meta, reference = restored
@@ -397,26 +390,11 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     # fresh one (and hits the same compilation cache).
     state_shardings = tree_shardings(state, placement.mesh)
     state = shard_state(state, state_shardings)
-    sampling = SamplingParams(max_new_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k)
-    rollout_fn = make_rollout_fn(graphdef, sampling, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                 num_generations=g, per_prompt=guidance_cfg.per_prompt, placement=placement,
-                                 state_shardings=state_shardings)
-    record_fn = make_record_fn(g, guidance_sharding=state_shardings.guidance)
-    loss_kwargs = dict(loss_type=lc.loss_type, beta=lc.beta, epsilon_low=lc.epsilon,
-                       epsilon_high=lc.epsilon if lc.epsilon_high is None else lc.epsilon_high,
-                       kl_estimator=lc.kl_estimator, guidance_loss=lc.guidance_loss,
-                       importance_gamma=lc.importance_gamma)
-    update_fn = make_update_fn(graphdef, optimizer, schedule, loss_kwargs=loss_kwargs, num_generations=g,
-                               num_iterations=lc.num_iterations, scale_rewards=lc.scale_rewards,
-                               guidance_cfg=guidance_cfg,
-                               max_completion_length=cfg.data.max_guidance_length + r.max_completion_length,
-                               logprob_temperature=r.temperature,
-                               gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-                               gradient_checkpointing=cfg.optim.gradient_checkpointing, placement=placement,
-                               state_shardings=state_shardings)
+    fns = build_step_fns(cfg, graphdef, optimizer, schedule, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                         eval_rows=eval_batch_rows(cfg, task.test), placement=placement,
+                         state_shardings=state_shardings)
     pool = ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)  # workers start on first use
-    evaluate = make_evaluator(graphdef, tok, task.test, cfg, pool)
+    evaluate = make_evaluator(fns.generate_eval, tok, task.test, cfg, pool)
     reward_names = cfg.reward.reward_funcs
     reward_fns = configured_rewards(reward_names, cfg.reward, pool)
     weights = cfg.reward.reward_weights or [1.0] * len(reward_names)
@@ -453,13 +431,13 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
             for step in range(start + 1, cfg.train.max_steps + 1):
                 t0 = time.perf_counter()
                 length_used, ratio_used = int(state.guidance.length), float(state.guidance.ratio)
-                state, got = collect_rollouts(state, rollout_fn, record_fn, iterator, ds, tok, cfg, weights, reward_fns,
+                state, got = collect_rollouts(state, fns.rollout, fns.record, iterator, ds, tok, cfg, weights, reward_fns,
                                               placement=placement)
                 ro, idx, glen, rewards, parts, texts = got.rollout, got.idx, got.glen, got.rewards, got.parts, got.texts
                 mine = process_rows(placement.batch, len(idx))  # host rows -> global arrays on the mesh
                 batch = got.device_batch or global_batch({k: np.asarray(getattr(ro, k))[mine] for k in BATCH_KEYS},
                                                          placement.batch, len(idx))
-                state, m = update_fn(state, batch, global_batch({"r": rewards[mine]}, placement.batch, len(idx))["r"],
+                state, m = fns.update(state, batch, global_batch({"r": rewards[mine]}, placement.batch, len(idx))["r"],
                                      shard_state(np.float32(got.signal), placement.replicated))
                 m = jax.device_get(m)
                 guided = glen > 0

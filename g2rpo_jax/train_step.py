@@ -9,20 +9,23 @@ arbitrary Python over decoded text.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from g2rpo_jax.guidance import GuidanceConfig, GuidanceState, guide_lengths, record_outcomes, update_guidance
+from g2rpo_jax.config import Config
+from g2rpo_jax.guidance import (GuidanceConfig, GuidanceState, guide_lengths, init_guidance_state, record_outcomes,
+                                update_guidance)
 from g2rpo_jax.loss import (effective_mask, group_advantages, head_log_probs, loss_metrics, loss_parts, loss_sums,
                             vocab_block)
 from g2rpo_jax.models import forward, lm_head_weight
-from g2rpo_jax.rollout import Rollout, SamplingParams, generate
-from g2rpo_jax.sharding import Placement, jit_on_mesh
+from g2rpo_jax.rollout import Rollout, SamplingParams, generate, generate_jit
+from g2rpo_jax.sharding import Placement, batch_divisor, jit_on_mesh, shard_state
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -56,7 +59,7 @@ def make_optimizer(schedule: optax.Schedule, *, adam_beta1=0.9, adam_beta2=0.999
 
 
 def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, window: int | None = None,
-                       temperature: float = 1.0, remat: bool = False, with_entropy: bool = False):
+                       temperature: float = 1.0, remat: bool = False, with_entropy: bool = False, scan: bool = False):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for the last ``window`` t (default every t): [B, window]
     (with ``with_entropy``, also the entropy of each of those distributions, not differentiated).
 
@@ -65,7 +68,7 @@ def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, wind
     block by vocabulary block (`head_log_probs`), so the [B, T, V] logits never exist.
     """
     hidden, _ = forward(graphdef, params, tokens[:, :-1], positions[:, :-1], attention_mask[:, :-1],
-                        return_hidden=True, remat=remat)
+                        return_hidden=True, remat=remat, scan=scan)
     B, T, H = hidden.shape
     window = T if window is None else min(int(window), T)
     hidden = hidden[:, T - window:].reshape(B * window, H)
@@ -132,7 +135,7 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
                    loss_kwargs: dict, num_generations: int, num_iterations: int, scale_rewards: str,
                    guidance_cfg: GuidanceConfig, max_completion_length: int, logprob_temperature: float = 1.0,
                    gradient_accumulation_steps: int = 1, gradient_checkpointing: bool = False,
-                   placement: Placement | None = None, state_shardings=None):
+                   scan_layers: bool = False, placement: Placement | None = None, state_shardings=None):
     """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit.
 
     Policy, old and reference log-probs are all taken at `logprob_temperature` (the rollout's
@@ -140,7 +143,8 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
     `gradient_accumulation_steps` k: the rows go through the model k micro-batches at a time (a
     `lax.scan`), gradients summed, one optimizer step; loss, gradients and metrics equal the whole
     batch's (bnpo: the mean of per-micro-batch token means, as TRL). `gradient_checkpointing`:
-    decoder layers are rematerialised in the backward pass.
+    decoder layers are rematerialised in the backward pass. `scan_layers`: the decoder runs as one
+    `lax.scan` over its layers (compiles once per layer shape).
 
     With a `placement`: batch rows and rewards sharded over (data, fsdp), metrics replicated."""
     beta = loss_kwargs.get("beta", 0.0)
@@ -153,7 +157,7 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
 
     def log_probs(params, mb, remat=False, with_entropy=False):
         return sequence_log_probs(graphdef, params, mb["tokens"], mb["positions"], mb["attention_mask"], window,
-                                  logprob_temperature, remat=remat, with_entropy=with_entropy)
+                                  logprob_temperature, remat=remat, with_entropy=with_entropy, scan=scan_layers)
 
     def micro_loss(params, mb, old_logp, ref_logp, batch_denominator):
         logp, entropy = log_probs(params, mb, gradient_checkpointing, with_entropy=True)
@@ -215,3 +219,112 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
     return jit_on_mesh(update, placement.mesh, in_shardings=(state_shardings, rows, rows, rep),
                        out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
+
+
+# ---------------------------------------------------------------------------- one builder
+# train.py, bench/grpo_step.py and compile.py build the step functions here, from the config alone,
+# so the program `g2rpo compile` checks for a TPU slice is the program `g2rpo train` runs.
+
+
+def resolved_guidance(cfg: Config) -> GuidanceConfig:
+    """The guidance section with `total_steps: 0` resolved to the run's `train.max_steps`."""
+    g = cfg.guidance
+    return g if g.total_steps else dataclasses.replace(g, total_steps=max(cfg.train.max_steps, 1))
+
+
+def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, learning-rate schedule) of the `optim` section over `train.max_steps`."""
+    o = cfg.optim
+    schedule = learning_rate_schedule(o.learning_rate, cfg.train.max_steps, o.warmup_ratio, o.min_lr_rate,
+                                      o.lr_scheduler_type)
+    optimizer = make_optimizer(schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+                               weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
+    return optimizer, schedule
+
+
+def init_train_state(cfg: Config, params, optimizer: optax.GradientTransformation, num_train: int) -> TrainState:
+    """Step 0's state around `params`: fresh optimizer moments, the reference policy as a separate
+    copy (the update donates the state's buffers, and the reference stays frozen), the guidance
+    controller's initial state and the run's RNG. Works under `jax.eval_shape` (compile.py)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      ref_params=jax.tree.map(jnp.copy, params),
+                      guidance=init_guidance_state(resolved_guidance(cfg), num_train),
+                      rng=jax.random.PRNGKey(cfg.train.seed))
+
+
+def loss_settings(cfg: Config) -> dict:
+    """The `loss` section as `loss_sums` keyword arguments (`epsilon_high` null = `epsilon`)."""
+    lc = cfg.loss
+    return dict(loss_type=lc.loss_type, beta=lc.beta, epsilon_low=lc.epsilon,
+                epsilon_high=lc.epsilon if lc.epsilon_high is None else lc.epsilon_high,
+                kl_estimator=lc.kl_estimator, guidance_loss=lc.guidance_loss, importance_gamma=lc.importance_gamma)
+
+
+def eval_rows_sharding(placement: Placement, rows: int):
+    """Evaluation rows go over the mesh's batch axes when they divide them, else every device
+    generates all of them."""
+    return placement.batch if rows % batch_divisor(placement.mesh) == 0 else placement.replicated
+
+
+def make_generate_fn(graphdef, sampling: SamplingParams, *, eos_id, pad_id: int, rows: int,
+                     placement: Placement | None = None, param_shardings=None):
+    """(params, prompt_ids [rows, P], prompt_mask, rng) -> Rollout of plain prompts, no guidance
+    prefix: the evaluation's generate (`rows` is its fixed batch size)."""
+    eos = tuple(int(e) for e in eos_id) if isinstance(eos_id, (list, tuple)) else int(eos_id)
+
+    def gen(params, prompt_ids, prompt_mask, rng):
+        return generate_jit(graphdef, params, prompt_ids, prompt_mask, jnp.zeros((rows, 0), jnp.int32),
+                            jnp.zeros((rows,), jnp.int32), rng, sampling=sampling, eos_id=eos, pad_id=int(pad_id))
+
+    if placement is None:
+        return jax.jit(gen)
+    row, rep = eval_rows_sharding(placement, rows), placement.replicated
+    out = Rollout(*([row] * (len(Rollout._fields) - 1)), context_length=rep)
+    jitted = jit_on_mesh(gen, placement.mesh, in_shardings=(param_shardings, row, row, rep), out_shardings=out)
+
+    def call(params, prompt_ids, prompt_mask, rng):  # host arrays, the same on every process
+        return jitted(params, *shard_state((prompt_ids, prompt_mask, rng), (row, row, rep)))
+
+    call.jitted = jitted.jitted
+    return call
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """The jitted programs of a run (`build_step_fns`)."""
+
+    rollout: Callable  # (state, prompt_ids, prompt_mask, guide_ids, trace_len, example_idx) -> (state, Rollout, glen)
+    update: Callable  # (state, batch, rewards, signal) -> (state, metrics)
+    record: Callable  # (guidance, example_idx, correct, glen) -> guidance (per-prompt table)
+    generate_eval: Callable  # (params, prompt_ids, prompt_mask, rng) -> Rollout, greedy
+
+
+def build_step_fns(cfg: Config, graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+                   eos_id, pad_id: int, eval_rows: int, placement: Placement | None = None,
+                   state_shardings=None) -> StepFns:
+    """Every jitted program of a run, from the config: the rollout (sampling at
+    `rollout.temperature`, guided prefixes from the guidance state), the update (loss section,
+    accumulation, rematerialisation, `num_iterations`, the controller update) and the greedy
+    evaluation generate of `eval_rows` rows. With a `placement`: sharded as `state_shardings`
+    and the mesh's batch axes, the state donated."""
+    r, lc = cfg.rollout, cfg.loss
+    sampling = SamplingParams(max_new_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k)
+    guidance_cfg = resolved_guidance(cfg)
+    rollout = make_rollout_fn(graphdef, sampling, eos_id=eos_id, pad_id=pad_id, num_generations=r.num_generations,
+                              per_prompt=guidance_cfg.per_prompt, placement=placement,
+                              state_shardings=state_shardings)
+    update = make_update_fn(graphdef, optimizer, schedule, loss_kwargs=loss_settings(cfg),
+                            num_generations=r.num_generations, num_iterations=lc.num_iterations,
+                            scale_rewards=lc.scale_rewards, guidance_cfg=guidance_cfg,
+                            max_completion_length=cfg.data.max_guidance_length + r.max_completion_length,
+                            logprob_temperature=r.temperature,
+                            gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+                            gradient_checkpointing=cfg.optim.gradient_checkpointing,
+                            scan_layers=cfg.model.scan_layers, placement=placement, state_shardings=state_shardings)
+    record = make_record_fn(r.num_generations, None if state_shardings is None else state_shardings.guidance)
+    greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True)
+    generate_eval = make_generate_fn(graphdef, greedy, eos_id=eos_id, pad_id=pad_id, rows=eval_rows,
+                                     placement=placement,
+                                     param_shardings=None if state_shardings is None else state_shardings.params)
+    return StepFns(rollout, update, record, generate_eval)

@@ -1,4 +1,4 @@
-"""Test-session setup: a persistent XLA compilation cache in a temporary directory.
+"""Test-session setup: CPU only, and a persistent XLA compilation cache in a temporary directory.
 
 Every `train()` call builds new jitted closures, so without it each end-to-end test (and each
 `python -m g2rpo_jax.train` subprocess) recompiles the same rollout and update programs, about 20 s
@@ -10,6 +10,10 @@ import atexit
 import os
 import shutil
 import tempfile
+
+# libtpu is installed for the TPU compile tests (requirements-test.txt); the tests run on the CPU
+# and must not probe for TPU chips (subprocesses inherit this).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     _cache = tempfile.mkdtemp(prefix="g2rpo_jax_test_xla_cache_")

@@ -111,11 +111,11 @@ def test_code_pass_fraction_drives_the_controller_and_the_evaluator(monkeypatch)
     assert got.signal == pytest.approx(0.5)  # 2 of 4 programs pass: the controller sees the pass fraction
     assert list(got.parts["code"]) == [1.0, 1.0, 0.0, 0.0]
 
-    monkeypatch.setattr(train_mod, "complete_prompts", lambda *a, **k: texts)
+    monkeypatch.setattr(train_mod, "decode_texts", lambda tok, rollout: texts)
     test = SimpleNamespace(answers=[TESTS3] * 4, prompt_ids=np.zeros((4, 2), np.int32),
                            prompt_mask=np.ones((4, 2), bool))
     cfg = code_cfg("reward.code_fallback_to_completion=true", "eval.num_problems=4", "eval.batch_size=4")
-    assert train_mod.make_evaluator(None, None, test, cfg)(None)["eval/accuracy"] == pytest.approx(0.5)
+    assert train_mod.make_evaluator(lambda *a: None, None, test, cfg)(None)["eval/accuracy"] == pytest.approx(0.5)
 
 
 def test_evaluate_scores_with_the_runs_controller_signal(tmp_path, monkeypatch):

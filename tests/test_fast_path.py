@@ -1,6 +1,7 @@
 """The fast path: vocabulary-blocked log-probs and entropy equal the whole-logits ones (values and
 gradients), the windowed update equals a hand-wired whole-logits GRPO loss (at temperature 1 and
-0.7), gradient accumulation with rematerialised layers equals the whole batch, and the inverse-CDF
+0.7), gradient accumulation with rematerialised layers equals the whole batch, scanned layers equal
+unrolled ones, and the inverse-CDF
 sampler draws from softmax(logits)."""
 
 import dataclasses
@@ -154,8 +155,8 @@ def test_lm_head_weight_tied_and_untied():
         np.testing.assert_allclose(h @ lm_head_weight(g, params).T, lm_head_logits(g, params, h), rtol=1e-5, atol=1e-6)
 
 
-def _update_setup(loss_type="grpo", num_iterations=1, **update_kwargs):
-    g, params = init_model(CFG, 0)
+def _update_setup(loss_type="grpo", num_iterations=1, model_cfg=CFG, **update_kwargs):
+    g, params = init_model(model_cfg, 0)
     tokens, positions, mask = _seq(5)
     window = 4
     completion = np.zeros((B, S), bool)
@@ -195,6 +196,21 @@ def test_gradient_accumulation_and_checkpointing_equal_the_whole_batch(loss_type
     copy = functools.partial(jax.tree.map, jnp.copy)  # the update donates its state
     _assert_same_update(whole(copy(state), batch, rewards, jnp.float32(0.0)),
                         split(copy(state), batch, rewards, jnp.float32(0.0)))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_scanned_layers_give_the_unrolled_update(checkpointing):
+    """model.scan_layers: a 3-layer decoder run as one lax.scan over its stacked weights gives the
+    update of the unrolled layers (loss, KL, gradient norm and new params), with and without
+    rematerialisation, under accumulation."""
+    deep = dataclasses.replace(CFG, num_hidden_layers=3)
+    kw = dict(model_cfg=deep, gradient_accumulation_steps=2, gradient_checkpointing=checkpointing)
+    unrolled, state, batch, rewards, _ = _update_setup(**kw)
+    scanned, _, _, _, _ = _update_setup(**kw, scan_layers=True)
+    copy = functools.partial(jax.tree.map, jnp.copy)  # the update donates its state
+    _assert_same_update(unrolled(copy(state), batch, rewards, jnp.float32(0.0)),
+                        scanned(copy(state), batch, rewards, jnp.float32(0.0)))
+    assert scanned._cache_size() == 1
 
 
 def test_bnpo_accumulation_averages_micro_batch_token_means():

@@ -211,11 +211,14 @@ class Transformer(nnx.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, cfg=cfg, rngs=rngs)
 
-    def hidden_states(self, input_ids, positions, attention_mask, cache=None, cache_index=0, remat=False):
+    def hidden_states(self, input_ids, positions, attention_mask, cache=None, cache_index=0, remat=False,
+                      scan=False):
         cfg = self.config
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta)
         attention_mask = attention_mask.astype(bool)
+        if scan and cache is None:
+            return self.norm(self._scan_layers(x, cos, sin, attention_mask, remat)), None
         new_layers = []
         for i, layer in enumerate(self.layers):
             x = sharding.constrain(x, sharding.ACTIVATION_AXES)
@@ -226,6 +229,27 @@ class Transformer(nnx.Module):
             new_layers.append(nc)
         x = self.norm(x)
         return x, (None if cache is None else tuple(new_layers))
+
+    def _scan_layers(self, x, cos, sin, attention_mask, remat):
+        """The decoder layers as one `lax.scan` over their weights stacked on a leading axis, so XLA
+        compiles one layer instead of unrolling all of them (MaxText's scan_layers): compile time
+        no longer grows with depth. The weights stay stored per layer; the stack is built here, its
+        matrices in the compute dtype (the copy each layer's matmul would make anyway)."""
+        graphdef = nnx.graphdef(self.layers[0])
+        dt = _dtype(self.config.dtype)
+
+        def stack(*leaves):
+            w = jnp.stack(leaves)
+            return w.astype(dt) if w.ndim == 3 and jnp.issubdtype(w.dtype, jnp.floating) else w
+
+        weights = jax.tree.map(stack, *[nnx.state(layer) for layer in self.layers])
+
+        def body(h, layer_weights):
+            h = sharding.constrain(h, sharding.ACTIVATION_AXES)
+            return nnx.merge(graphdef, layer_weights)(h, cos, sin, attention_mask, None, 0)[0], None
+
+        # remat: only each layer's input survives the forward, as in _rematerialised_layer
+        return jax.lax.scan(jax.checkpoint(body) if remat else body, x, weights)[0]
 
     def logits(self, hidden):
         dt = _dtype(self.config.dtype)
@@ -262,7 +286,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
 
 
 def forward(graphdef, params, input_ids, positions, attention_mask, cache=None, cache_index=0,
-            return_hidden=False, remat=False):
+            return_hidden=False, remat=False, scan=False):
     """Run the decoder.
 
     ``input_ids``/``positions`` int32 ``[B, T]``; ``attention_mask`` bool ``[B, S]`` marks real key
@@ -273,11 +297,13 @@ def forward(graphdef, params, input_ids, positions, attention_mask, cache=None, 
     Returns ``(float32 logits [B, T, V], cache)`` or, with ``return_hidden``, the final-normed
     hidden states ``[B, T, H]`` instead of the logits. ``remat`` (without a cache): rematerialise
     each decoder layer in the backward pass, trading one more forward for activation memory.
+    ``scan`` (without a cache): run the layers as one ``lax.scan`` (`model.scan_layers`), the same
+    function compiled once per layer shape instead of once per layer.
     """
     model = nnx.merge(graphdef, params)
     hidden, new_cache = model.hidden_states(jnp.asarray(input_ids, jnp.int32),
                                             jnp.asarray(positions, jnp.int32),
-                                            jnp.asarray(attention_mask), cache, cache_index, remat)
+                                            jnp.asarray(attention_mask), cache, cache_index, remat, scan)
     if return_hidden:
         return hidden, new_cache
     return model.logits(hidden), new_cache

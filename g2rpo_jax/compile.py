@@ -1,0 +1,336 @@
+"""`g2rpo compile --config C --topology NAME [--out report.json] [section.key=value ...]`
+
+Compiles a run's step programs for a TPU slice ahead of time, on any machine with libtpu installed
+(`pip install -e '.[tpu]'`; no TPU needed), and reports XLA's memory per chip: whether the run fits
+before a slice is rented. Everything comes from shapes: the model's `config.json` (a directory
+holding only that file will do; no weights, tokenizer, data set or network), the config's lengths and
+batch, and a mesh over the topology's devices (`mesh.data=-1` takes what the other axes leave).
+The programs are the trainer's own (`train_step.build_step_fns`), with its shardings and donation.
+
+Exit code 0 when every program fits, 3 when one does not (compiled with too little headroom, or
+refused by XLA with RESOURCE_EXHAUSTED), 2 on bad input. Nothing is written but `--out`.
+The step-time figure is a roofline lower bound from FLOPs counted from the shapes and the chip's
+published peak and HBM bandwidth, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from g2rpo_jax.config import Config, ConfigError, load_config
+from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
+from g2rpo_jax.models import init_model
+from g2rpo_jax.models.hf import abstract_model
+from g2rpo_jax.plan import format_bytes, memory_plan
+from g2rpo_jax.policy import pretrained_config
+from g2rpo_jax.sharding import Placement, check_batch, tree_shardings
+from g2rpo_jax.train import resolve_model_config
+from g2rpo_jax.train_step import BATCH_KEYS, build_optimizer, build_step_fns, eval_rows_sharding, init_train_state
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: int
+    bf16_flops: float  # peak FLOP/s per chip, dense bf16 (Google Cloud's published figures)
+    hbm_bandwidth: float  # bytes/s per chip
+
+
+# jax's device_kind -> chip. HBM as the TPU docs give it per chip (v5p: 95 GiB).
+CHIPS = {
+    "TPU v4": Chip("v4", 32 * GiB, 275e12, 1228e9),
+    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 819e9),
+    "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2765e9),
+    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1640e9),
+}
+EXAMPLE_TOPOLOGIES = "v4:2x2x1, v5e:2x2, v5e:2x4, v5e:4x4, v5p:2x2x1, v5p:2x2x2, v6e:2x2, v6e:2x4"
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|Ran out of memory|exceeds available HBM", re.I)
+_OOM_SIZES = re.compile(r"required[^(]*\(([0-9.]+)([KMGT])\)[^(]*\(([0-9.]+)([KMGT])\)")
+
+
+def tpu_topology(name: str):
+    """Compile-only devices of a TPU slice (`v5e:2x4`); needs libtpu, not a TPU. v4 and v5p chips
+    are one device each (megacore), as on their TPU VMs."""
+    kind, _, shape = name.partition(":")
+    chips = int(np.prod([int(x) for x in shape.split("x")])) if re.fullmatch(r"\d+(x\d+)*", shape) else 0
+    # Off a TPU VM libtpu looks for a metadata server and the slice's hosts: say there are none.
+    accelerator = {"v4": "v4-{}", "v5e": "v5litepod-{}", "v5p": "v5p-{}", "v6e": "v6e-{}"}.get(kind, "v5litepod-{}")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # Compile-only devices drive no chip, so several compiles (and a training run) may share libtpu.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator.format(chips * (2 if kind in ("v4", "v5p") else 1)))
+    extra = {"chip_config_name": "megacore"} if kind in ("v4", "v5p") else {}
+    try:
+        from jax.experimental import topologies
+
+        return topologies.get_topology_desc(topology_name=name, platform="tpu", **extra)
+    except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown name: one clear line
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--topology {name!r}: {text}. Give a TPU slice such as {EXAMPLE_TOPOLOGIES}; compiling "
+                          "needs libtpu (pip install -e '.[tpu]')") from None
+
+
+def chip_of(devices) -> Chip:
+    kind = devices[0].device_kind
+    if kind not in CHIPS:
+        raise ConfigError(f"unknown TPU kind {kind!r}; known: {', '.join(CHIPS)}")
+    return CHIPS[kind]
+
+
+def compile_model_config(cfg: Config):
+    """(ModelConfig, eos id, pad id) from shapes alone: `model.model_name_or_path` must be a local
+    directory with a `config.json` (or a .gguf file); without one, the `model` section and the
+    embedded tokenizer's vocabulary (built locally)."""
+    name = cfg.model.model_name_or_path
+    if not name:
+        tok = build_embedded_tokenizer()
+        return resolve_model_config(cfg, tok), tok.eos_token_id, tok.pad_token_id
+    path = Path(name).expanduser()
+    if not (path.is_dir() and (path / "config.json").is_file()) and not name.endswith(".gguf"):
+        raise ConfigError(f"model.model_name_or_path={name!r}: compile reads only the architecture; give a local "
+                          "directory holding the model's config.json (no weights needed), not a hub id")
+    model_cfg = pretrained_config(cfg)
+    if model_cfg.vocab_size is None:
+        raise ConfigError(f"{path / 'config.json'}: no vocab_size")
+    raw = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
+    eos = raw.get("eos_token_id", 0)
+    eos = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else 0
+    pad = raw.get("pad_token_id")
+    return model_cfg, eos, pad if isinstance(pad, int) else eos
+
+
+def abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def step_programs(cfg: Config, model_cfg, eos_id: int, pad_id: int, placement: Placement):
+    """{name: (jitted function, abstract arguments)} of the rollout, the update and the greedy
+    evaluation generate, exactly as `g2rpo train` builds them for this mesh."""
+    graphdef, _ = abstract_model(model_cfg)
+    optimizer, schedule = build_optimizer(cfg)
+    num_train = cfg.data.num_train if cfg.data.num_train > 0 else 1  # sizes the per-prompt table only
+    state_shape = jax.eval_shape(lambda: init_train_state(cfg, init_model(model_cfg, 0)[1], optimizer, num_train))
+    state_shardings = tree_shardings(state_shape, placement.mesh)
+    state = abstract(state_shape, state_shardings)
+    r, d = cfg.rollout, cfg.data
+    rows = r.prompts_per_step * r.num_generations
+    eval_rows = min(cfg.eval.batch_size, cfg.eval.num_problems)
+    fns = build_step_fns(cfg, graphdef, optimizer, schedule, eos_id=eos_id, pad_id=pad_id, eval_rows=eval_rows,
+                         placement=placement, state_shardings=state_shardings)
+    b, rep = placement.batch, placement.replicated
+
+    def arr(shape, dtype, sharding=b):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    rollout_args = (state, arr((rows, d.max_prompt_length), jnp.int32), arr((rows, d.max_prompt_length), bool),
+                    arr((rows, d.max_guidance_length), jnp.int32), arr((rows,), jnp.int32), arr((rows,), jnp.int32))
+    seq = d.max_prompt_length + d.max_guidance_length + r.max_completion_length
+    kinds = {"tokens": jnp.int32, "positions": jnp.int32}
+    batch = {k: arr((rows, seq), kinds.get(k, bool)) for k in BATCH_KEYS}
+    update_args = (state, batch, arr((rows,), jnp.float32), arr((), jnp.float32, rep))
+    er = eval_rows_sharding(placement, eval_rows)
+    eval_args = (state.params, arr((eval_rows, d.max_prompt_length), jnp.int32, er),
+                 arr((eval_rows, d.max_prompt_length), bool, er), arr((2,), jnp.uint32, rep))
+    return {"rollout": (fns.rollout.jitted, rollout_args), "update": (fns.update.jitted, update_args),
+            "generate_eval": (fns.generate_eval.jitted, eval_args)}
+
+
+def flops_from_shapes(cfg: Config, model_cfg) -> dict:
+    """Matmul FLOPs of each program over the whole slice, counted from the shapes with every loop
+    trip (XLA's cost_analysis counts a loop body once): 2 per multiply-add; decode attention over
+    the whole cache, training attention over the whole [T, T] square, as the code computes them."""
+    m, r, d = model_cfg, cfg.rollout, cfg.data
+    hd, nh, nkv, layers = m.resolved_head_dim, m.num_attention_heads, m.num_key_value_heads, m.num_hidden_layers
+    h, vocab = m.hidden_size, m.vocab_size
+    per_token = 2 * layers * (h * hd * (nh + 2 * nkv) + nh * hd * h + 3 * h * m.intermediate_size)
+    head = 2 * h * vocab
+    rows, groups = r.prompts_per_step * r.num_generations, r.prompts_per_step
+    context, new = d.max_prompt_length + d.max_guidance_length, r.max_completion_length
+    seq = context + new
+
+    def attention(queries, keys):  # QK^T and PV
+        return 4 * layers * nh * hd * queries * keys
+
+    def generation(n_rows, n_groups, ctx, n_new):  # prefill once per group, then decode every row
+        prefill = n_groups * (ctx * per_token + attention(ctx, ctx) + head)
+        return prefill + n_rows * (n_new - 1) * (per_token + head + attention(1, ctx + n_new))
+
+    t, window = seq - 1, d.max_guidance_length + new
+    forward = rows * (t * per_token + attention(t, t) + window * head)
+    passes = 3 + (1 if cfg.optim.gradient_checkpointing else 0)  # forward + backward (2x) [+ recompute]
+    update = cfg.loss.num_iterations * passes * forward
+    update += forward * ((cfg.loss.beta > 0) + (cfg.loss.num_iterations > 1))  # reference and old log-probs
+    eval_rows = min(cfg.eval.batch_size, cfg.eval.num_problems)
+    return {"rollout": generation(rows, groups, context, new), "update": update,
+            "generate_eval": generation(eval_rows, eval_rows, d.max_prompt_length, cfg.eval.max_new_tokens)}
+
+
+def decode_bytes(cfg: Config, model_cfg, num_params: int, num_chips: int) -> dict:
+    """HBM bytes a chip must read at the least while decoding: every decode step reads the weights
+    (in the compute dtype) and its share of the KV cache. The update's bound is its FLOPs."""
+    m, r, d = model_cfg, cfg.rollout, cfg.data
+    wbytes = num_params * np.dtype(m.dtype).itemsize
+    kv_token = 2 * m.num_hidden_layers * m.num_key_value_heads * m.resolved_head_dim * np.dtype(m.dtype).itemsize
+    rows = r.prompts_per_step * r.num_generations
+    seq = d.max_prompt_length + d.max_guidance_length + r.max_completion_length
+    eval_rows = min(cfg.eval.batch_size, cfg.eval.num_problems)
+    eval_seq = d.max_prompt_length + cfg.eval.max_new_tokens
+    return {"rollout": r.max_completion_length * (wbytes + rows * seq * kv_token / num_chips),
+            "update": 0.0,
+            "generate_eval": cfg.eval.max_new_tokens * (wbytes + eval_rows * eval_seq * kv_token / num_chips)}
+
+
+def compile_program(fn, args, mesh) -> dict:
+    """XLA's memory and cost of one program compiled for the mesh's devices; on RESOURCE_EXHAUSTED,
+    `fits: False` with the sizes the error names."""
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = fn.lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - XLA raises a plain runtime error
+        text = str(e)
+        if not _OOM.search(text):
+            raise
+        sizes = _OOM_SIZES.search(text)
+        unit = {"K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}
+        required = int(float(sizes.group(1)) * unit[sizes.group(2)]) if sizes else None
+        return {"compiled": False, "fits": False, "peak_bytes": required, "compile_seconds":
+                round(time.perf_counter() - t0, 1), "error": text.strip().splitlines()[0][:400]}
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out = {"compiled": True, "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+           "temp_bytes": mem.temp_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
+           "generated_code_bytes": mem.generated_code_size_in_bytes}
+    out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+                         + out["generated_code_bytes"])
+    out.update(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+               compile_seconds=round(seconds, 1))
+    return out
+
+
+def headroom_fix(name: str, result: dict) -> str:
+    """What to change when program `name` does not fit, in the order a user should try it."""
+    if name == "update":
+        knobs = ("optim.gradient_checkpointing=true, a larger optim.gradient_accumulation_steps (micro-batches), "
+                 "mesh.fsdp over more chips, then loss.beta=0 (no reference forward) or a larger slice")
+    elif name == "rollout":
+        knobs = ("fewer rows per chip (a larger slice, or rollout.prompts_per_step lower), mesh.fsdp over more chips "
+                 "(weights and optimizer state), a shorter rollout.max_completion_length or data.max_guidance_length")
+    else:
+        knobs = "a smaller eval.batch_size (every chip holds its rows' KV cache), or a shorter eval.max_new_tokens"
+    if result.get("compiled"):
+        largest = max(("argument_bytes", "temp_bytes", "output_bytes"), key=lambda k: result[k])
+        what = {"argument_bytes": "arguments (weights, optimizer state, reference, batch)",
+                "temp_bytes": "temporaries (activations, KV cache, logits blocks)",
+                "output_bytes": "outputs"}[largest]
+        return f"{name}: the largest part is {what}, {format_bytes(result[largest])}; try {knobs}"
+    return f"{name}: XLA ran out of HBM ({result.get('error', '')}); try {knobs}"
+
+
+def compile_report(cfg: Config, topology: str) -> dict:
+    """Compile every step program of `cfg` for `topology`; the report `g2rpo compile` prints."""
+    topo = tpu_topology(topology)
+    devices = list(topo.devices)
+    chip = chip_of(devices)
+    model_cfg, eos_id, pad_id = compile_model_config(cfg)
+    placement = Placement.build(cfg.mesh, devices)
+    check_batch(placement.mesh, cfg.rollout.prompts_per_step, cfg.rollout.num_generations,
+                cfg.optim.gradient_accumulation_steps)
+    programs = step_programs(cfg, model_cfg, eos_id, pad_id, placement)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(programs["generate_eval"][1][0]))
+    flops, min_bytes = flops_from_shapes(cfg, model_cfg), decode_bytes(cfg, model_cfg, num_params, len(devices))
+    functions = {}
+    for name, (fn, args) in programs.items():
+        result = compile_program(fn, args, placement.mesh)
+        result["flops_from_shapes"] = flops[name]
+        bound = max(flops[name] / len(devices) / chip.bf16_flops, min_bytes[name] / chip.hbm_bandwidth)
+        result["roofline_seconds_lower_bound"] = round(bound, 4)
+        functions[name] = result
+    peaks = [f["peak_bytes"] for f in functions.values() if f["peak_bytes"] is not None]
+    peak = max(peaks) if peaks else None
+    fits = all(f["compiled"] and f["peak_bytes"] <= chip.hbm_bytes for f in functions.values())
+    plan = memory_plan(cfg, model_cfg, len(devices), chip.hbm_bytes)
+    return {"topology": topology, "chip": chip.name, "num_chips": len(devices), "hbm_bytes_per_chip": chip.hbm_bytes,
+            "mesh": {a: int(n) for a, n in placement.mesh.shape.items()}, "num_params": num_params,
+            "functions": functions, "peak_bytes": peak, "fits": fits, "plan_peak_bytes": plan.peak,
+            "jax": jax.__version__, "date": datetime.date.today().isoformat()}
+
+
+def format_report(report: dict) -> str:
+    peaks = [f["peak_bytes"] or 0 for f in report["functions"].values()]
+    unit, scale = ("GiB", GiB) if max(peaks) >= GiB else ("MiB", 1024**2)
+    size = lambda n: "-" if n is None else f"{n / scale:.2f}"  # noqa: E731
+    mesh = " x ".join(f"{a}={n}" for a, n in report["mesh"].items())
+    lines = [f"{report['topology']}: {report['num_chips']} x {report['chip']} ({report['hbm_bytes_per_chip'] / GiB:.0f} "
+             f"GiB HBM each), mesh {mesh}, model {report['num_params'] / 1e6:,.1f}M params",
+             f"{'program':<14}{'args':>9}{'out':>9}{'temp':>9}{'alias':>9}{'code':>8}{'peak':>9}  {'XLA GFLOP':>10}"
+             f"{'XLA GB acc.':>12}{'compile s':>10}{'bound s':>9}  ({unit} per chip)"]
+    for name, f in report["functions"].items():
+        if f["compiled"]:
+            lines.append(f"{name:<14}" + "".join(f"{size(f[k]):>{w}}" for k, w in (
+                ("argument_bytes", 9), ("output_bytes", 9), ("temp_bytes", 9), ("alias_bytes", 9),
+                ("generated_code_bytes", 8), ("peak_bytes", 9))) +
+                f"  {f['flops'] / 1e9:>10.1f}{f['bytes_accessed'] / 1e9:>12.2f}{f['compile_seconds']:>10.1f}"
+                f"{f['roofline_seconds_lower_bound']:>9.3f}")
+        else:
+            lines.append(f"{name:<14}  did not compile: needs {size(f['peak_bytes'])} {unit} ({f['compile_seconds']} s)")
+    hbm, peak = report["hbm_bytes_per_chip"], report["peak_bytes"]
+    verdict = f"fits: {str(report['fits']).lower()}; peak {size(peak)} {unit} of {hbm / GiB:.0f} GiB per chip"
+    if peak is not None and report["fits"]:
+        verdict += f" ({(hbm - peak) / GiB:.2f} GiB headroom)"
+    lines.append(verdict + f"; g2rpo plan estimates {size(report['plan_peak_bytes'])} {unit}")
+    lines.append("XLA's FLOPs and bytes count each loop body once; 'bound s' is a roofline lower bound of the "
+                 "program's time from FLOPs counted from the shapes and decode's weight and KV-cache reads, at the "
+                 "chip's published bf16 peak and HBM bandwidth: not a measurement.")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="g2rpo compile", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    parser.add_argument("--config", help="YAML config file (e.g. configs/qwen3_1.7b_math.yaml)")
+    parser.add_argument("--topology", required=True, help=f"TPU slice, e.g. {EXAMPLE_TOPOLOGIES}")
+    parser.add_argument("--out", help="write the report as JSON to this file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    # The host side runs on the CPU: a TPU VM's own chips (maybe busy training) are never touched.
+    jax.config.update("jax_platforms", "cpu")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        report = compile_report(cfg, args.topology)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if report["fits"]:
+        return 0
+    for name, f in report["functions"].items():
+        if not f["compiled"] or f["peak_bytes"] > report["hbm_bytes_per_chip"]:
+            print(f"does not fit: {headroom_fix(name, f)}", file=sys.stderr)
+    return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""`g2rpo compile`: the trainer's own step programs compiled for a TPU slice on this CPU machine.
+
+libtpu (the `tpu` extra, in requirements-test.txt) gives compile-only TPU devices; without it these
+tests skip and say so. A change that breaks TPU lowering (a sharding rule, the sampler's loop, the
+blocked LM head's custom gradient, accumulation) turns them red.
+"""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from g2rpo_jax import compile as aot
+from g2rpo_jax.config import ConfigError, load_config
+
+pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]'): TPU compile tests skipped")
+
+# 1 layer, 4 heads of 128, 2 KV heads: weight dimensions are whole TPU tiles, so XLA's byte counts
+# are the arrays' own sizes and can be checked against them.
+TINY = ["model.hidden_size=512", "model.intermediate_size=1024", "model.num_hidden_layers=1", "rollout.prompts_per_step=2",
+        "rollout.num_generations=4", "rollout.max_completion_length=16", "eval.batch_size=8", "eval.num_problems=8",
+        "eval.max_new_tokens=16", "data.num_train=64", "data.num_test=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compile") / "report.json"
+    rc = aot.main(["--config", "configs/default.yaml", "--topology", "v5e:2x2", "--out", str(out), *TINY])
+    return rc, json.loads(out.read_text())
+
+
+def test_tiny_default_compiles_for_v5e_and_fits(tiny_report):
+    rc, report = tiny_report
+    assert rc == 0 and report["fits"] is True
+    assert (report["topology"], report["chip"], report["num_chips"]) == ("v5e:2x2", "v5e", 4)
+    assert report["hbm_bytes_per_chip"] == 16 * 1024**3
+    assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}  # mesh.data=-1 takes every chip
+    assert set(report["functions"]) == {"rollout", "update", "generate_eval"}
+    for f in report["functions"].values():
+        assert f["compiled"] and f["flops"] > 0 and f["compile_seconds"] > 0
+        parts = f["argument_bytes"] + f["output_bytes"] - f["alias_bytes"] + f["temp_bytes"] + f["generated_code_bytes"]
+        assert f["peak_bytes"] == parts
+    assert report["peak_bytes"] == max(f["peak_bytes"] for f in report["functions"].values())
+
+
+def test_compiled_arguments_hold_the_sharded_train_state(tiny_report, tmp_path):
+    """The update's arguments are the train state (policy, Adam moments, reference) plus each chip's
+    quarter of the batch; the state is donated, so its bytes come back aliased. On a data mesh every
+    chip holds the whole state; with mesh.fsdp=4 each holds about a quarter of it."""
+    _, report = tiny_report
+    state_bytes = 4 * report["num_params"] * 4  # float32 params + mu + nu + reference
+    rows, seq = 8 // 4, 48 + 40 + 16
+    batch_bytes = rows * seq * (4 + 4 + 1 + 1 + 1) + rows * 4 + 4
+    update = report["functions"]["update"]
+    assert state_bytes <= update["argument_bytes"] <= 1.02 * (state_bytes + batch_bytes)
+    assert update["alias_bytes"] >= state_bytes
+    out = tmp_path / "fsdp.json"
+    assert aot.main(["--config", "configs/default.yaml", "--topology", "v5e:2x2", "--out", str(out), *TINY,
+                     "mesh.data=1", "mesh.fsdp=4"]) == 0
+    sharded = json.loads(out.read_text())
+    assert sharded["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert sharded["functions"]["update"]["argument_bytes"] <= 1.02 * (state_bytes / 4 + batch_bytes) + 4 * 4096
+
+
+def test_flops_from_shapes_by_hand():
+    """A 1-layer model, no attention-free shortcuts: the count equals the formula worked by hand."""
+    cfg = load_config("configs/default.yaml", [*TINY, "model.vocab_size=100", "loss.beta=0",
+                                               "optim.gradient_checkpointing=false"])
+    model_cfg, _, _ = aot.compile_model_config(cfg)
+    h, i, nh, nkv, hd, v = 512, 1024, 4, 2, 128, 100
+    per_token = 2 * (h * hd * (nh + 2 * nkv) + nh * hd * h + 3 * h * i)
+    t, window = 48 + 40 + 16 - 1, 40 + 16
+    forward = 8 * (t * per_token + 4 * nh * hd * t * t + window * 2 * h * v)
+    assert aot.flops_from_shapes(cfg, model_cfg)["update"] == 3 * forward
+
+
+def test_a_program_too_large_for_the_chip_exits_3_and_names_the_fix(tmp_path, capsys):
+    """8192 rows x 4,104 tokens of a 4-KV-head model: each v5e chip would hold a KV cache of
+    2 layers x 2048 rows x 4104 x 2 x 4 x 64 x 4 bytes = 32 GiB, twice its HBM."""
+    out = tmp_path / "r.json"
+    rc = aot.main(["--config", "configs/default.yaml", "--topology", "v5e:2x2", "--out", str(out), "model.hidden_size=256",
+                   "model.num_attention_heads=4", "model.num_key_value_heads=4", "rollout.prompts_per_step=1024",
+                   "rollout.num_generations=8", "rollout.max_completion_length=4016", "eval.batch_size=8",
+                   "eval.num_problems=8", "eval.max_new_tokens=16", "data.num_train=1024", "data.num_test=8"])
+    report = json.loads(out.read_text())
+    assert rc == 3 and report["fits"] is False
+    assert not report["functions"]["rollout"]["compiled"] or report["functions"]["rollout"]["peak_bytes"] > 16 * 2**30
+    err = capsys.readouterr().err
+    assert "does not fit: rollout" in err and "rollout.prompts_per_step" in err
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert aot.main(["--config", "configs/default.yaml", "--topology", "v9z:2x2", "--out", str(out)]) == 2
+    assert "--topology 'v9z:2x2'" in capsys.readouterr().err and not out.exists()
+    assert aot.main(["--config", "configs/default.yaml", "--topology", "v5e:2x2", "--out", str(out),
+                     "model.model_name_or_path=Qwen/Qwen3-1.7B"]) == 2
+    assert "config.json" in capsys.readouterr().err and not out.exists()
+    # 3 prompts x 8 rollouts = 24 rows do not split over the 16 chips of a v5e:4x4 data mesh
+    assert aot.main(["--config", "configs/default.yaml", "--topology", "v5e:4x4", "rollout.prompts_per_step=3"]) == 2
+    assert "does not split" in capsys.readouterr().err
+
+
+def test_architecture_only_directory_reads_like_the_checkpoint():
+    """configs/shapes/qwen3-1.7b holds only config.json; its parameter count matches the model
+    card of Qwen3-1.7B (1.7B parameters, 1.4B of them outside the tied embedding)."""
+    cfg = load_config("configs/qwen3_1.7b_math.yaml", ["model.model_name_or_path=configs/shapes/qwen3-1.7b"])
+    model_cfg, eos, pad = aot.compile_model_config(cfg)
+    assert (model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.vocab_size) == (2048, 28, 151936)
+    assert (eos, pad) == (151645, 151645)
+    h, i, nh, nkv, hd, layers, v = 2048, 6144, 16, 8, 128, 28, 151936
+    per_layer = h * hd * (nh + 2 * nkv) + nh * hd * h + 3 * h * i + 2 * h + 2 * hd  # + input/post norms, q/k norms
+    shapes = jax.eval_shape(lambda: aot.init_model(model_cfg, 0)[1])
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    assert total == v * h + layers * per_layer + h
+    assert round(total / 1e9, 1) == 1.7 and round(layers * per_layer / 1e9, 1) == 1.4
+    assert np.dtype(model_cfg.dtype) == np.dtype("bfloat16")

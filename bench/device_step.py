@@ -26,9 +26,10 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from g2rpo_jax.compile import CHIPS, compile_model_config, compile_program, flops_from_shapes, step_programs  # noqa: E402
+from g2rpo_jax.compile import CHIPS, compile_program, flops_from_shapes, step_programs  # noqa: E402
 from g2rpo_jax.config import load_config  # noqa: E402
 from g2rpo_jax.models import init_model  # noqa: E402
+from g2rpo_jax.policy import architecture_only  # noqa: E402
 from g2rpo_jax.sharding import Placement, global_batch, shard_state, tree_shardings  # noqa: E402
 from g2rpo_jax.train_step import build_optimizer, build_step_fns, init_train_state  # noqa: E402
 
@@ -72,7 +73,7 @@ def random_inputs(cfg, vocab: int, rng: np.random.Generator) -> dict:
 
 def run(args) -> dict:
     cfg = device_config(args)
-    model_cfg, _, pad_id = compile_model_config(cfg)
+    model_cfg, _, pad_id = architecture_only(cfg)
     placement = Placement.build(cfg.mesh)
     programs = step_programs(cfg, model_cfg, -1, pad_id, placement)  # EOS off: every row runs to the budget
     predicted = {name: compile_program(fn, fargs, placement.mesh) for name, (fn, fargs) in programs.items()

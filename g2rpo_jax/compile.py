@@ -30,13 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from g2rpo_jax.config import Config, ConfigError, load_config
-from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
 from g2rpo_jax.models import init_model
 from g2rpo_jax.models.hf import abstract_model
 from g2rpo_jax.plan import format_bytes, memory_plan
-from g2rpo_jax.policy import pretrained_config
+from g2rpo_jax.policy import architecture_only
 from g2rpo_jax.sharding import Placement, check_batch, tree_shardings
-from g2rpo_jax.train import resolve_model_config
 from g2rpo_jax.train_step import BATCH_KEYS, build_optimizer, build_step_fns, eval_rows_sharding, init_train_state
 
 GiB = 1024**3
@@ -90,28 +88,6 @@ def chip_of(devices) -> Chip:
     if kind not in CHIPS:
         raise ConfigError(f"unknown TPU kind {kind!r}; known: {', '.join(CHIPS)}")
     return CHIPS[kind]
-
-
-def compile_model_config(cfg: Config):
-    """(ModelConfig, eos id, pad id) from shapes alone: `model.model_name_or_path` must be a local
-    directory with a `config.json` (or a .gguf file); without one, the `model` section and the
-    embedded tokenizer's vocabulary (built locally)."""
-    name = cfg.model.model_name_or_path
-    if not name:
-        tok = build_embedded_tokenizer()
-        return resolve_model_config(cfg, tok), tok.eos_token_id, tok.pad_token_id
-    path = Path(name).expanduser()
-    if not (path.is_dir() and (path / "config.json").is_file()) and not name.endswith(".gguf"):
-        raise ConfigError(f"model.model_name_or_path={name!r}: compile reads only the architecture; give a local "
-                          "directory holding the model's config.json (no weights needed), not a hub id")
-    model_cfg = pretrained_config(cfg)
-    if model_cfg.vocab_size is None:
-        raise ConfigError(f"{path / 'config.json'}: no vocab_size")
-    raw = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
-    eos = raw.get("eos_token_id", 0)
-    eos = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else 0
-    pad = raw.get("pad_token_id")
-    return model_cfg, eos, pad if isinstance(pad, int) else eos
 
 
 def abstract(tree, shardings):
@@ -253,7 +229,7 @@ def compile_report(cfg: Config, topology: str, only: tuple[str, ...] = PROGRAMS)
     topo = tpu_topology(topology)
     devices = list(topo.devices)
     chip = chip_of(devices)
-    model_cfg, eos_id, pad_id = compile_model_config(cfg)
+    model_cfg, eos_id, pad_id = architecture_only(cfg)
     placement = Placement.build(cfg.mesh, devices)
     check_batch(placement.mesh, cfg.rollout.prompts_per_step, cfg.rollout.num_generations,
                 cfg.optim.gradient_accumulation_steps)

@@ -91,6 +91,9 @@ class RolloutConfig:
     # update has a reward spread, at most max_num_gen_batches batches per step (g2rpo_jax/dynamic_sampling.py)
     dynamic_sampling: bool = False
     max_num_gen_batches: int = 3
+    # Generate the step's groups this many at a time (a lax.map over micro-batches of whole groups):
+    # the rollout's KV cache and logits are one micro-batch's. 1 = all rows at once.
+    generation_micro_batches: int = 1
 
 
 @dataclasses.dataclass
@@ -353,6 +356,9 @@ def validate(cfg: Config) -> None:
     check(r.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)")
     check(r.max_num_gen_batches >= 1, "rollout.max_num_gen_batches must be >= 1 (prompt batches drawn per step "
           "with rollout.dynamic_sampling)")
+    check(r.generation_micro_batches >= 1 and r.prompts_per_step % r.generation_micro_batches == 0,
+          f"rollout.generation_micro_batches={r.generation_micro_batches} must be >= 1 and divide "
+          f"rollout.prompts_per_step={r.prompts_per_step} (each micro-batch generates whole groups)")
     check(cfg.train.max_steps >= 0, "train.max_steps must be >= 0")
     check(cfg.train.log_completions_every >= 0, "train.log_completions_every must be >= 0 (0 = off)")
     check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = off)")

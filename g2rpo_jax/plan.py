@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from g2rpo_jax.config import Config, ConfigError, load_config
+from g2rpo_jax.policy import architecture_only, pretrained_config
 from g2rpo_jax.sharding import (KV_CACHE_AXES, MESH_AXES, logical_to_spec, mesh_shape,
                                 param_logical_axes, path_name)
 
@@ -162,6 +163,15 @@ def fit_warning(plan: MemoryPlan) -> str | None:
             "rollout.max_completion_length")
 
 
+def plan_model_config(cfg: Config):
+    """The architecture alone (no weights, no tokenizer): a local config.json directory, a GGUF file
+    or the ``model`` section offline; a hub id's config.json is fetched from the hub."""
+    name = cfg.model.model_name_or_path
+    if name and not name.startswith("gguf:") and not os.path.exists(os.path.expanduser(name)):
+        return pretrained_config(cfg)
+    return architecture_only(cfg)[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2rpo plan", description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("--config", help="YAML config file (e.g. configs/default.yaml)")
@@ -177,14 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
-        from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
-        from g2rpo_jax.policy import load_policy_tokenizer
-        from g2rpo_jax.train import resolve_model_config
-
         cfg = load_config(args.config, args.overrides)
-        # the tokenizer only fills a null model.vocab_size; a checkpoint's config is read without weights
-        tok = load_policy_tokenizer(cfg) if cfg.model.model_name_or_path else build_embedded_tokenizer()
-        model_cfg = resolve_model_config(cfg, tok)
+        model_cfg = plan_model_config(cfg)
         if args.devices is not None and args.devices < 1:
             raise ConfigError(f"--devices {args.devices}: give a positive number of devices")
         devices = args.devices or jax.device_count()

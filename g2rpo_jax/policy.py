@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from g2rpo_jax.config import Config, ConfigError
+from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
 from g2rpo_jax.models.config import ModelConfig
 
 # model.model_name_or_path values that name a file shipped in a registry package
@@ -107,3 +108,33 @@ def load_pretrained_params(cfg: Config, model_cfg: ModelConfig):
         raise ConfigError(f"model.model_name_or_path: {e}") from None
     graphdef, _ = abstract_model(model_cfg)  # same tree as the loaded params, with the compute dtype
     return graphdef, loaded.params
+
+
+def architecture_only(cfg: Config) -> tuple[ModelConfig, int, int]:
+    """(ModelConfig, eos id, pad id) from shapes alone, for `g2rpo compile` and `g2rpo plan`: a
+    ``model.model_name_or_path`` must be a local directory with a ``config.json`` (weights and
+    tokenizer not needed) or a .gguf file; without one, the ``model`` section, its null vocab_size
+    taken from the embedded tokenizer (built locally)."""
+    name = cfg.model.model_name_or_path
+    if not name:
+        tok = build_embedded_tokenizer()
+        model_cfg = architecture(cfg)
+        if model_cfg.vocab_size is None:
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tok))
+        try:
+            model_cfg.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return model_cfg, tok.eos_token_id, tok.pad_token_id
+    path = Path(local_checkpoint(name) if name.startswith("gguf:") else name).expanduser()
+    if not (path.is_dir() and (path / "config.json").is_file()) and path.suffix != ".gguf":
+        raise ConfigError(f"model.model_name_or_path={name!r}: sizing a run reads only the architecture; give a local "
+                          "directory holding the model's config.json (no weights needed), not a hub id")
+    model_cfg = pretrained_config(cfg)
+    if model_cfg.vocab_size is None:
+        raise ConfigError(f"model.model_name_or_path={name!r}: the config has no vocab_size")
+    raw = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
+    eos = raw.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else 0
+    pad = raw.get("pad_token_id")
+    return model_cfg, eos, pad if isinstance(pad, int) else eos

@@ -81,19 +81,50 @@ def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, wind
     return (logp, entropy) if with_entropy else logp
 
 
+def group_micro_batches(tree, k: int, group_size: int):
+    """Leaves [B, ...] -> [k, B / k, ...] of whole groups: micro-batch j holds groups j, j + k, ...
+    (rows of a group stay contiguous, as the shared prefill needs)."""
+    def split(x):
+        g = x.reshape(x.shape[0] // group_size // k, k, group_size, *x.shape[1:])
+        return jnp.swapaxes(g, 0, 1).reshape(k, x.shape[0] // k, *x.shape[1:])
+
+    return jax.tree.map(split, tree)
+
+
+def merge_micro_batches(tree, k: int, group_size: int):
+    """The inverse of `group_micro_batches`: [k, B / k, ...] -> [B, ...] in the original row order."""
+    def merge(x):
+        g = x.reshape(k, x.shape[1] // group_size, group_size, *x.shape[2:])
+        return jnp.swapaxes(g, 0, 1).reshape(k * x.shape[1], *x.shape[2:])
+
+    return jax.tree.map(merge, tree)
+
+
 def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int,
-                    per_prompt: bool = False, placement: Placement | None = None, state_shardings=None):
+                    per_prompt: bool = False, micro_batches: int = 1, placement: Placement | None = None,
+                    state_shardings=None):
     """(state, prompt batch repeated G times, each row's example index) -> (state with new rng,
     Rollout, per-row guide lengths). `per_prompt` guides only examples marked in the guidance
-    state's per-prompt table. With a `placement` (and the state's shardings): rows sharded over
-    (data, fsdp), the state donated."""
+    state's per-prompt table. `micro_batches` k > 1: the groups are generated k micro-batches at a
+    time (a `lax.map`), so the KV cache is one micro-batch's; micro-batch j samples with the j-th
+    of k keys split from the step's key. With a `placement` (and the state's shardings): rows
+    sharded over (data, fsdp), the state donated."""
+
+    def generate_rows(params, prompt_ids, prompt_mask, guide_ids, glen, key):
+        return generate(graphdef, params, prompt_ids, prompt_mask, guide_ids, glen, key, sampling=sampling,
+                        eos_id=eos_id, pad_id=pad_id, group_size=num_generations)
 
     def rollout(state: TrainState, prompt_ids, prompt_mask, guide_ids, trace_len, example_idx):
         rng, key = jax.random.split(state.rng)
         glen = guide_lengths(state.guidance, trace_len, num_generations, example_idx if per_prompt else None)
-        out = generate(graphdef, state.params, prompt_ids, prompt_mask, guide_ids, glen, key,
-                       sampling=sampling, eos_id=eos_id, pad_id=pad_id, group_size=num_generations)
-        return state.replace(rng=rng), out, glen
+        if micro_batches == 1:
+            out = generate_rows(state.params, prompt_ids, prompt_mask, guide_ids, glen, key)
+            return state.replace(rng=rng), out, glen
+        rows = group_micro_batches((prompt_ids, prompt_mask, guide_ids, glen), micro_batches, num_generations)
+        keys = jax.random.split(key, micro_batches)
+        out = jax.lax.map(lambda xs: generate_rows(state.params, *xs)._replace(context_length=0), (*rows, keys))
+        out = merge_micro_batches(out._replace(context_length=None), micro_batches, num_generations)
+        return state.replace(rng=rng), out._replace(context_length=prompt_ids.shape[1] + guide_ids.shape[1]), glen
 
     if placement is None:
         return jax.jit(rollout)
@@ -312,8 +343,8 @@ def build_step_fns(cfg: Config, graphdef, optimizer: optax.GradientTransformatio
                               top_k=r.top_k)
     guidance_cfg = resolved_guidance(cfg)
     rollout = make_rollout_fn(graphdef, sampling, eos_id=eos_id, pad_id=pad_id, num_generations=r.num_generations,
-                              per_prompt=guidance_cfg.per_prompt, placement=placement,
-                              state_shardings=state_shardings)
+                              per_prompt=guidance_cfg.per_prompt, micro_batches=r.generation_micro_batches,
+                              placement=placement, state_shardings=state_shardings)
     update = make_update_fn(graphdef, optimizer, schedule, loss_kwargs=loss_settings(cfg),
                             num_generations=r.num_generations, num_iterations=lc.num_iterations,
                             scale_rewards=lc.scale_rewards, guidance_cfg=guidance_cfg,

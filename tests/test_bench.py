@@ -67,14 +67,15 @@ def test_device_step_dry_form_on_cpu(tmp_path):
     """bench/device_step.py --tiny: the accelerator check's step, built and run as on a device."""
     import device_step
 
-    from g2rpo_jax.compile import compile_model_config, flops_from_shapes
+    from g2rpo_jax.compile import flops_from_shapes
+    from g2rpo_jax.policy import architecture_only
 
     argv = ["--tiny", "--prompts", "2", "--generations", "4", "--prompt-len", "8", "--guidance-len", "8",
             "--new-tokens", "8", "--accumulation", "2", "--steps", "1", "--out", str(tmp_path / "step.json")]
     assert device_step.main(argv) == 0
     report = json.loads((tmp_path / "step.json").read_text())
     cfg = device_step.device_config(device_step.parse_args(argv))
-    flops = flops_from_shapes(cfg, compile_model_config(cfg)[0])
+    flops = flops_from_shapes(cfg, architecture_only(cfg)[0])
     assert report["flops_per_step"] == flops["rollout"] + flops["update"]
     assert (report["rows"], report["tokens_per_row"], report["steps_timed"]) == (8, 24, 1)
     assert report["generated_tokens_per_sec"] == 8 * 8 / report["rollout_seconds"]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from g2rpo_jax import compile as aot
-from g2rpo_jax.config import ConfigError, load_config
+from g2rpo_jax.config import load_config
+from g2rpo_jax.policy import architecture_only
 
 pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]'): TPU compile tests skipped")
 
@@ -68,7 +69,7 @@ def test_flops_from_shapes_by_hand():
     """A 1-layer model, no attention-free shortcuts: the count equals the formula worked by hand."""
     cfg = load_config("configs/default.yaml", [*TINY, "model.vocab_size=100", "loss.beta=0",
                                                "optim.gradient_checkpointing=false"])
-    model_cfg, _, _ = aot.compile_model_config(cfg)
+    model_cfg, _, _ = architecture_only(cfg)
     h, i, nh, nkv, hd, v = 512, 1024, 4, 2, 128, 100
     per_token = 2 * (h * hd * (nh + 2 * nkv) + nh * hd * h + 3 * h * i)
     t, window = 48 + 40 + 16 - 1, 40 + 16
@@ -107,7 +108,7 @@ def test_architecture_only_directory_reads_like_the_checkpoint():
     """configs/shapes/qwen3-1.7b holds only config.json; its parameter count matches the model
     card of Qwen3-1.7B (1.7B parameters, 1.4B of them outside the tied embedding)."""
     cfg = load_config("configs/qwen3_1.7b_math.yaml", ["model.model_name_or_path=configs/shapes/qwen3-1.7b"])
-    model_cfg, eos, pad = aot.compile_model_config(cfg)
+    model_cfg, eos, pad = architecture_only(cfg)
     assert (model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.vocab_size) == (2048, 28, 151936)
     assert (eos, pad) == (151645, 151645)
     h, i, nh, nkv, hd, layers, v = 2048, 6144, 16, 8, 128, 28, 151936

@@ -233,3 +233,40 @@ def test_group_shared_prefill_matches_per_row_prefill(model, batch):
     with pytest.raises(ValueError, match="group_size 3 must be >= 1 and divide the 8 rows"):
         generate(g, p, prompt, pmask, guide, guide_len, jax.random.key(0), group_size=3,
                  sampling=SamplingParams(N, greedy=True), eos_id=-1, pad_id=PAD)
+
+
+def test_generation_micro_batches_generate_whole_groups_with_their_own_keys(model):
+    """rollout.generation_micro_batches=2 on 4 groups of 2 rows: micro-batch j (groups j and j + 2)
+    is sampled exactly as `generate` samples those rows alone with the j-th split key, and the rows
+    come back in their original order."""
+    from g2rpo_jax.guidance import GuidanceConfig, init_guidance_state
+    from g2rpo_jax.train_step import (TrainState, group_micro_batches, make_rollout_fn,
+                                      merge_micro_batches)
+
+    g, params = model
+    rows, group = 8, 2
+    rng = np.random.default_rng(3)
+    prompts = np.repeat(rng.integers(1, V, size=(4, P)).astype(np.int32), group, axis=0)
+    pmask = np.ones((rows, P), bool)
+    guide = np.repeat(rng.integers(1, V, size=(4, G)).astype(np.int32), group, axis=0)
+    trace = np.full((rows,), G, np.int32)
+    gcfg = GuidanceConfig(schedule="fixed", ratio=0.5, initial_length=3, max_length=5, min_length=1)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=(), ref_params=(),
+                       guidance=init_guidance_state(gcfg), rng=jax.random.PRNGKey(7))
+    sampling = SamplingParams(max_new_tokens=N, temperature=1.0)
+    split = make_rollout_fn(g, sampling, eos_id=-1, pad_id=PAD, num_generations=group, micro_batches=2)
+    _, out, glen = split(state, prompts, pmask, guide, trace, np.zeros(rows, np.int32))
+    assert list(np.asarray(glen)) == [3, 0] * 4  # first row of every group guided with L = 3
+
+    x = np.arange(rows)
+    parts = group_micro_batches(x, 2, group)
+    assert parts.tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]  # groups 0, 2 and 1, 3, each contiguous
+    assert merge_micro_batches(parts, 2, group).tolist() == x.tolist()
+
+    keys = jax.random.split(jax.random.split(jax.random.PRNGKey(7))[1], 2)
+    for j, idx in enumerate(np.asarray(parts)):
+        ref = generate(g, params, prompts[idx], pmask[idx], guide[idx], np.asarray(glen)[idx], keys[j],
+                       sampling=sampling, eos_id=-1, pad_id=PAD, group_size=group)
+        np.testing.assert_array_equal(np.asarray(out.tokens)[idx], np.asarray(ref.tokens))
+        np.testing.assert_array_equal(np.asarray(out.completion_mask)[idx], np.asarray(ref.completion_mask))
+    assert out.context_length == P + G

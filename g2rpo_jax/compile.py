@@ -201,23 +201,38 @@ def compile_program(fn, args, mesh) -> dict:
     return out
 
 
-def headroom_fix(name: str, result: dict) -> str:
-    """What to change when program `name` does not fit, in the order a user should try it."""
+def headroom_fix(name: str, result: dict, plan_parts: dict, mesh: dict) -> str:
+    """What to change when program `name` does not fit, in the order a user should try it: the
+    largest buffer class first (XLA's breakdown when it compiled, else `g2rpo plan`'s)."""
+    state = sum(v for k, v in plan_parts.items() if k.startswith(("params", "optimizer", "reference")))
+    shard_state = (f"shard the weights and Adam moments over more chips (mesh.fsdp=-1 mesh.data=1: "
+                   f"now fsdp={mesh['fsdp']}), or a larger slice")
     if name == "update":
-        knobs = ("optim.gradient_checkpointing=true, a larger optim.gradient_accumulation_steps (micro-batches), "
-                 "mesh.fsdp over more chips, then loss.beta=0 (no reference forward) or a larger slice")
+        largest = max((state, "the train state (weights, Adam moments, reference)"),
+                      (plan_parts["activations (update, estimate)"], "the update's activations"))
+        activations = ("optim.gradient_checkpointing=true, a larger optim.gradient_accumulation_steps "
+                       "(fewer rows per micro-batch)")
+        knobs = [shard_state, activations] if largest[1].startswith("the train") else [activations, shard_state]
+        knobs.append("loss.beta=0 (no reference copy or forward)")
     elif name == "rollout":
-        knobs = ("fewer rows per chip (a larger slice, or rollout.prompts_per_step lower), mesh.fsdp over more chips "
-                 "(weights and optimizer state), a shorter rollout.max_completion_length or data.max_guidance_length")
+        largest = max((state, "the train state (weights, Adam moments, reference)"),
+                      (plan_parts["KV cache (rollout)"] + plan_parts["prefill (rollout)"], "the rollout's KV cache"))
+        cache = ("a larger rollout.generation_micro_batches (groups generated a few at a time), then a shorter "
+                 "rollout.max_completion_length or data.max_guidance_length")
+        knobs = [shard_state, cache] if largest[1].startswith("the train") else [cache, shard_state]
     else:
-        knobs = "a smaller eval.batch_size (every chip holds its rows' KV cache), or a shorter eval.max_new_tokens"
+        largest = (0, "the evaluation's KV cache")
+        knobs = ["a smaller eval.batch_size that is a multiple of mesh.data x mesh.fsdp (each chip holds only its "
+                 "rows' cache)", "a shorter eval.max_new_tokens", shard_state]
     if result.get("compiled"):
-        largest = max(("argument_bytes", "temp_bytes", "output_bytes"), key=lambda k: result[k])
-        what = {"argument_bytes": "arguments (weights, optimizer state, reference, batch)",
-                "temp_bytes": "temporaries (activations, KV cache, logits blocks)",
-                "output_bytes": "outputs"}[largest]
-        return f"{name}: the largest part is {what}, {format_bytes(result[largest])}; try {knobs}"
-    return f"{name}: XLA ran out of HBM ({result.get('error', '')}); try {knobs}"
+        what = max(("argument_bytes", "temp_bytes"), key=lambda k: result[k])
+        where = {"argument_bytes": "arguments (weights, optimizer state, reference, batch)",
+                 "temp_bytes": "temporaries (activations, KV cache)"}[what]
+        head = f"{name} needs {format_bytes(result['peak_bytes'])} per chip, most of it {where}"
+    else:
+        head = (f"{name} needs {format_bytes(result['peak_bytes']) if result['peak_bytes'] else 'more than'} "
+                f"per chip (XLA: RESOURCE_EXHAUSTED); by g2rpo plan the largest part is {largest[1]}")
+    return f"{head}; try, in order: " + "; ".join(knobs)
 
 
 PROGRAMS = ("rollout", "update", "generate_eval")
@@ -252,6 +267,7 @@ def compile_report(cfg: Config, topology: str, only: tuple[str, ...] = PROGRAMS)
     return {"topology": topology, "chip": chip.name, "num_chips": len(devices), "hbm_bytes_per_chip": chip.hbm_bytes,
             "mesh": {a: int(n) for a, n in placement.mesh.shape.items()}, "num_params": num_params,
             "functions": functions, "peak_bytes": peak, "fits": fits, "plan_peak_bytes": plan.peak,
+            "plan_parts": plan.parts,
             "jax": jax.__version__, "date": datetime.date.today().isoformat()}
 
 
@@ -316,7 +332,7 @@ def main(argv=None) -> int:
         return 0
     for name, f in report["functions"].items():
         if not f["compiled"] or f["peak_bytes"] > report["hbm_bytes_per_chip"]:
-            print(f"does not fit: {headroom_fix(name, f)}", file=sys.stderr)
+            print(f"does not fit: {headroom_fix(name, f, report['plan_parts'], report['mesh'])}", file=sys.stderr)
     return 3
 
 

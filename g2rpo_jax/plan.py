@@ -2,7 +2,9 @@
 
 The memory one run needs on each device for the configured mesh, computed from the config's shapes
 and the sharding rules of g2rpo_jax/sharding.py (nothing is compiled or allocated): parameters,
-Adam moments, reference policy, gradients, the rollout's KV cache and the update's activations. The
+Adam moments, reference policy, gradients, the rollout's KV cache (one generation micro-batch's, plus
+the shared prefill's context cache and attention scores) and the update's activations (with
+model.scan_layers, plus the stacked layer weights and their gradient). The
 peak is the persistent state plus the larger of the rollout (KV cache) and the update (gradients +
 activations of one micro-batch, optim.gradient_accumulation_steps and optim.gradient_checkpointing
 taken into account); the activation term is an estimate (XLA temporaries ignored), so leave
@@ -78,8 +80,14 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
     rows = r.prompts_per_step * r.num_generations
     seq = d.max_prompt_length + d.max_guidance_length + r.max_completion_length
     hd, nh, nkv = m.resolved_head_dim, m.num_attention_heads, m.num_key_value_heads
-    cache_shape = (rows, seq, nkv, hd)
-    kv = 2 * m.num_hidden_layers * _per_device(cache_shape, KV_CACHE_AXES, mesh) * abytes
+    # rollout: the KV cache of one generation micro-batch, and the group-shared prefill's context
+    # cache with its float32 attention scores and probabilities
+    gen_rows = rows // r.generation_micro_batches
+    kv = 2 * m.num_hidden_layers * _per_device((gen_rows, seq, nkv, hd), KV_CACHE_AXES, mesh) * abytes
+    context = d.max_prompt_length + d.max_guidance_length
+    groups = -(-(gen_rows // r.num_generations) // (mesh["data"] * mesh["fsdp"]))  # XLA pads an uneven split
+    prefill = (2 * m.num_hidden_layers * groups * context * _split(nkv * hd, "kv_heads", mesh) * abytes
+               + 2 * groups * _split(nh, "heads", mesh) * context * context * 4)
 
     # update: policy forward + backward over one micro-batch of [rows / k, seq - 1] tokens
     k = cfg.optim.gradient_accumulation_steps
@@ -97,11 +105,17 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
     window = d.max_guidance_length + r.max_completion_length
     activations = layers + 2 * b * window * m.hidden_size * 4
 
+    if getattr(cfg.model, "scan_layers", False):  # the layers' weights stacked in the compute dtype, and their gradient
+        layer_elems = sum(_per_device(x.shape, param_logical_axes(path_name(kp), x.ndim), mesh)
+                          for kp, x in leaves if ".layers." in f".{path_name(kp)}.")
+        activations += 2 * layer_elems * abytes
+
     p = param_elems * pbytes
     grads = p if k == 1 else 2 * p  # with accumulation: the running sum and one micro-batch's
     parts = {"params (policy)": p, "optimizer (Adam m, v)": 2 * p, "reference policy": p,
-             "gradients (update)": grads, "KV cache (rollout)": kv, "activations (update, estimate)": activations}
-    peak = 4 * p + max(kv, grads + activations)
+             "gradients (update)": grads, "KV cache (rollout)": kv, "prefill (rollout)": prefill,
+             "activations (update, estimate)": activations}
+    peak = 4 * p + max(kv + prefill, grads + activations)
     return MemoryPlan(mesh, num_params, parts, peak, device_memory)
 
 

@@ -157,10 +157,11 @@ def test_config_runs_one_step(name, tmp_runs):
 
 def test_real_model_configs_are_the_expected_ones():
     assert set(REAL_MODEL) == {"smollm2_gsm_symbolic", "qwen3_0.6b_math", "qwen3_1.7b_math", "qwen3_0.6b_code",
-                               "qwen3_1.7b_code"}
+                               "qwen3_1.7b_code", "qwen3_8b_math"}
 
 
-@pytest.mark.parametrize("name,hub_id", [("qwen3_0.6b_math", "Qwen/Qwen3-0.6B"), ("qwen3_1.7b_math", "Qwen/Qwen3-1.7B")])
+@pytest.mark.parametrize("name,hub_id", [("qwen3_0.6b_math", "Qwen/Qwen3-0.6B"), ("qwen3_1.7b_math", "Qwen/Qwen3-1.7B"),
+                                         ("qwen3_8b_math", "Qwen/Qwen3-8B")])
 def test_paper_math_recipes_load_and_follow_spec_section_8(name, hub_id):
     cfg = load_config(str(CONFIG_DIR / f"{name}.yaml"))  # validation included; the hub is not contacted
     assert cfg.model.model_name_or_path == hub_id
@@ -179,6 +180,24 @@ def test_paper_math_recipes_load_and_follow_spec_section_8(name, hub_id):
     assert (cfg.loss.loss_type, cfg.loss.beta) == ("grpo", 0.04)
     assert "<think>" in d.system_prompt and "<answer>" in d.system_prompt
     assert cfg.train.output_dir == f"runs/{name}"
+
+
+SHAPE_KEYS = ("data.max_prompt_length", "data.max_guidance_length", "rollout.max_completion_length",
+              "rollout.num_generations", "rollout.prompts_per_step", "rollout.generation_micro_batches",
+              "optim.gradient_accumulation_steps", "optim.gradient_checkpointing", "model.scan_layers",
+              "model.dtype", "model.param_dtype", "eval.batch_size", "eval.max_new_tokens", "loss.beta",
+              "loss.num_iterations", "mesh.data", "mesh.fsdp", "mesh.tensor")
+
+
+@pytest.mark.parametrize("size", ["0.6b", "1.7b"])
+def test_code_recipes_have_the_math_recipes_shapes(size):
+    """What `g2rpo compile` reports for the math recipe holds for the code recipe of the same model
+    (README, TPU table): every key that shapes the compiled programs is the same."""
+    def shapes(name):
+        cfg = load_config(str(CONFIG_DIR / f"qwen3_{size}_{name}.yaml"))
+        return {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in SHAPE_KEYS}
+
+    assert shapes("code") == shapes("math")
 
 
 @pytest.mark.parametrize("name,hub_id", [("qwen3_0.6b_code", "Qwen/Qwen3-0.6B"), ("qwen3_1.7b_code", "Qwen/Qwen3-1.7B")])

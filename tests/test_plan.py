@@ -29,6 +29,12 @@ def test_parameter_and_kv_cache_bytes_by_hand():
     assert plan.parts["reference policy"] == 4 * elems
     # KV cache: 8 rows over data*fsdp = 2, 16 slots, 2 KV heads over tensor = 2, head dim 8, K and V, 1 layer
     assert plan.parts["KV cache (rollout)"] == 2 * (8 // 2) * 16 * (2 // 2) * 8 * 4
+    # prefill, once per group: 2 groups over data*fsdp = 2 -> 1 per device; its 12-slot context cache
+    # (K and V, KV heads over tensor) and float32 scores and probabilities of 4 / 2 heads, 12 x 12
+    assert plan.parts["prefill (rollout)"] == 2 * 1 * 12 * (2 // 2) * 8 * 4 + 2 * 1 * (4 // 2) * 12 * 12 * 4
+    halves = memory_plan(load_config(None, [*TINY, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2",
+                                            "rollout.generation_micro_batches=2"]), model_of(cfg), num_devices=4)
+    assert halves.parts["KV cache (rollout)"] == plan.parts["KV cache (rollout)"] // 2  # one micro-batch's rows
     one = memory_plan(load_config(None, [*TINY, "mesh.data=1"]), model_of(cfg), num_devices=1)
     assert one.parts["params (policy)"] == 4 * (2048 + 3 * 32 + 1024 + 32 + 2 * (512 + 16) + 1024 + 3 * 2048)
     assert plan.peak < one.peak and plan.fits

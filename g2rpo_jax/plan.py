@@ -111,7 +111,9 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
         activations += 2 * layer_elems * abytes
 
     p = param_elems * pbytes
-    grads = p if k == 1 else 2 * p  # with accumulation: the running sum and one micro-batch's
+    # with accumulation the running sum and one micro-batch's; then optax's update tree, the size of
+    # the weights, before it is applied
+    grads = (p if k == 1 else 2 * p) + p
     parts = {"params (policy)": p, "optimizer (Adam m, v)": 2 * p, "reference policy": p,
              "gradients (update)": grads, "KV cache (rollout)": kv, "prefill (rollout)": prefill,
              "activations (update, estimate)": activations}

@@ -68,4 +68,6 @@ def test_activations_by_hand_with_accumulation_and_checkpointing():
     split = memory_plan(cfg, model_of(cfg), num_devices=1)
     # 4 rows per micro-batch; the layer input (t * 32 * 4 bytes a row) kept, the layer rebuilt once
     assert split.parts["activations (update, estimate)"] == 4 * (15 * 32 * 4 + 41760 + 2048)
-    assert split.parts["gradients (update)"] == 2 * whole.parts["gradients (update)"]  # sum + micro-batch
+    # the gradient and optax's update tree; with accumulation also the running sum
+    p = whole.parts["params (policy)"]
+    assert (whole.parts["gradients (update)"], split.parts["gradients (update)"]) == (2 * p, 3 * p)

@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -300,6 +301,16 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, for the report's provenance (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2rpo compile", description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("--config", help="YAML config file (e.g. configs/qwen3_1.7b_math.yaml)")
@@ -326,6 +337,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
+    report.update(config=args.config, overrides=list(args.overrides), commit=git_commit())
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if report["fits"]:

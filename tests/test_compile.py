@@ -89,7 +89,10 @@ def test_a_program_too_large_for_the_chip_exits_3_and_names_the_fix(tmp_path, ca
     assert rc == 3 and report["fits"] is False
     assert not report["functions"]["rollout"]["compiled"] or report["functions"]["rollout"]["peak_bytes"] > 16 * 2**30
     err = capsys.readouterr().err
-    assert "does not fit: rollout" in err and "rollout.prompts_per_step" in err
+    rollout = next(line for line in err.splitlines() if line.startswith("does not fit: rollout"))
+    # the KV cache is the largest part, so its knob comes first
+    assert "largest part is the rollout's KV cache" in rollout
+    assert rollout.index("rollout.generation_micro_batches") < rollout.index("mesh.fsdp")
 
 
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
@@ -118,3 +121,21 @@ def test_architecture_only_directory_reads_like_the_checkpoint():
     assert total == v * h + layers * per_layer + h
     assert round(total / 1e9, 1) == 1.7 and round(layers * per_layer / 1e9, 1) == 1.4
     assert np.dtype(model_cfg.dtype) == np.dtype("bfloat16")
+
+
+def test_readme_table_row_from_a_report(tiny_report, tmp_path):
+    """bench/compile_table.py: the README's TPU table row of a report."""
+    import sys
+
+    sys.path.insert(0, "bench")
+    import compile_table
+
+    _, report = tiny_report
+    report = {**report, "config": "configs/default.yaml", "overrides": ["mesh.fsdp=1", "model.model_name_or_path=x/y"]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    row = compile_table.table([path]).splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["`default` (y)", "`mesh.fsdp=1`", "v5e:2x2", "4x1x1"]
+    assert cells[4] == f"{report['peak_bytes'] / 2**30:.1f} / 16" and cells[5] == "yes"
+    assert cells[7] == f"{sum(f['compile_seconds'] for f in report['functions'].values()):.0f}"

@@ -222,9 +222,11 @@ def headroom_fix(name: str, result: dict, plan_parts: dict, mesh: dict) -> str:
                  "rollout.max_completion_length or data.max_guidance_length")
         knobs = [shard_state, cache] if largest[1].startswith("the train") else [cache, shard_state]
     else:
-        largest = (0, "the evaluation's KV cache")
-        knobs = ["a smaller eval.batch_size that is a multiple of mesh.data x mesh.fsdp (each chip holds only its "
-                 "rows' cache)", "a shorter eval.max_new_tokens", shard_state]
+        largest = max((plan_parts["params (policy)"], "the policy's weights"),
+                      (plan_parts["KV cache (evaluation)"], "the evaluation's KV cache"))
+        cache = ("a smaller eval.batch_size that is a multiple of mesh.data x mesh.fsdp (each chip holds only its "
+                 "rows' cache), or a shorter eval.max_new_tokens")
+        knobs = [shard_state, cache] if largest[1].startswith("the policy") else [cache, shard_state]
     if result.get("compiled"):
         what = max(("argument_bytes", "temp_bytes"), key=lambda k: result[k])
         where = {"argument_bytes": "arguments (weights, optimizer state, reference, batch)",

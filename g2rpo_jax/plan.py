@@ -110,14 +110,21 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
                           for kp, x in leaves if ".layers." in f".{path_name(kp)}.")
         activations += 2 * layer_elems * abytes
 
+    # evaluation: the greedy generate's KV cache, its rows over the mesh when they split evenly
+    e = cfg.eval
+    eval_rows = min(e.batch_size, e.num_problems)
+    eval_rows = eval_rows // (mesh["data"] * mesh["fsdp"]) if eval_rows % (mesh["data"] * mesh["fsdp"]) == 0 else eval_rows
+    eval_kv = (2 * m.num_hidden_layers * eval_rows * (d.max_prompt_length + e.max_new_tokens)
+               * _split(nkv * hd, "kv_heads", mesh) * abytes)
+
     p = param_elems * pbytes
     # with accumulation the running sum and one micro-batch's; then optax's update tree, the size of
     # the weights, before it is applied
     grads = (p if k == 1 else 2 * p) + p
     parts = {"params (policy)": p, "optimizer (Adam m, v)": 2 * p, "reference policy": p,
              "gradients (update)": grads, "KV cache (rollout)": kv, "prefill (rollout)": prefill,
-             "activations (update, estimate)": activations}
-    peak = 4 * p + max(kv + prefill, grads + activations)
+             "activations (update, estimate)": activations, "KV cache (evaluation)": eval_kv}
+    peak = 4 * p + max(kv + prefill, grads + activations, eval_kv)
     return MemoryPlan(mesh, num_params, parts, peak, device_memory)
 
 

@@ -251,7 +251,6 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
                        out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
-
 # ---------------------------------------------------------------------------- one builder
 # train.py, bench/grpo_step.py and compile.py build the step functions here, from the config alone,
 # so the program `g2rpo compile` checks for a TPU slice is the program `g2rpo train` runs.

@@ -157,19 +157,23 @@ def flops_from_shapes(cfg: Config, model_cfg) -> dict:
             "generate_eval": generation(eval_rows, eval_rows, d.max_prompt_length, cfg.eval.max_new_tokens)}
 
 
-def decode_bytes(cfg: Config, model_cfg, num_params: int, num_chips: int) -> dict:
-    """HBM bytes a chip must read at the least while decoding: every decode step reads the weights
-    (in the compute dtype) and its share of the KV cache. The update's bound is its FLOPs."""
-    m, r, d = model_cfg, cfg.rollout, cfg.data
+def decode_bytes(cfg: Config, model_cfg, num_params: int, mesh: dict) -> dict:
+    """HBM bytes a chip must read at the least while decoding: every decode step of every
+    generation micro-batch reads the weights (in the compute dtype, all-gathered under FSDP), and
+    each step reads the chip's share of the KV cache, every slot (attention runs over the whole
+    buffer). The update's bound is its FLOPs."""
+    m, r, d, e = model_cfg, cfg.rollout, cfg.data, cfg.eval
     wbytes = num_params * np.dtype(m.dtype).itemsize
     kv_token = 2 * m.num_hidden_layers * m.num_key_value_heads * m.resolved_head_dim * np.dtype(m.dtype).itemsize
+    chips, rows_split = int(np.prod(list(mesh.values()))), mesh["data"] * mesh["fsdp"]
     rows = r.prompts_per_step * r.num_generations
     seq = d.max_prompt_length + d.max_guidance_length + r.max_completion_length
-    eval_rows = min(cfg.eval.batch_size, cfg.eval.num_problems)
-    eval_seq = d.max_prompt_length + cfg.eval.max_new_tokens
-    return {"rollout": r.max_completion_length * (wbytes + rows * seq * kv_token / num_chips),
+    eval_rows = min(e.batch_size, e.num_problems)
+    eval_share = chips if eval_rows % rows_split == 0 else max(1, mesh["tensor"])  # replicated rows: all of them
+    eval_seq = d.max_prompt_length + e.max_new_tokens
+    return {"rollout": r.max_completion_length * (r.generation_micro_batches * wbytes + rows * seq * kv_token / chips),
             "update": 0.0,
-            "generate_eval": cfg.eval.max_new_tokens * (wbytes + eval_rows * eval_seq * kv_token / num_chips)}
+            "generate_eval": e.max_new_tokens * (wbytes + eval_rows * eval_seq * kv_token / eval_share)}
 
 
 def compile_program(fn, args, mesh) -> dict:
@@ -253,7 +257,8 @@ def compile_report(cfg: Config, topology: str, only: tuple[str, ...] = PROGRAMS)
                 cfg.optim.gradient_accumulation_steps)
     programs = step_programs(cfg, model_cfg, eos_id, pad_id, placement)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(programs["generate_eval"][1][0]))
-    flops, min_bytes = flops_from_shapes(cfg, model_cfg), decode_bytes(cfg, model_cfg, num_params, len(devices))
+    mesh = {a: int(n) for a, n in placement.mesh.shape.items()}
+    flops, min_bytes = flops_from_shapes(cfg, model_cfg), decode_bytes(cfg, model_cfg, num_params, mesh)
     functions = {}
     for name, (fn, args) in programs.items():
         if name not in only:
@@ -268,7 +273,7 @@ def compile_report(cfg: Config, topology: str, only: tuple[str, ...] = PROGRAMS)
     fits = all(f["compiled"] and f["peak_bytes"] <= chip.hbm_bytes for f in functions.values())
     plan = memory_plan(cfg, model_cfg, len(devices), chip.hbm_bytes)
     return {"topology": topology, "chip": chip.name, "num_chips": len(devices), "hbm_bytes_per_chip": chip.hbm_bytes,
-            "mesh": {a: int(n) for a, n in placement.mesh.shape.items()}, "num_params": num_params,
+            "mesh": mesh, "num_params": num_params,
             "functions": functions, "peak_bytes": peak, "fits": fits, "plan_peak_bytes": plan.peak,
             "plan_parts": plan.parts,
             "jax": jax.__version__, "date": datetime.date.today().isoformat()}

@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
 
 from g2rpo_jax.config import Config, ConfigError, load_config
 from g2rpo_jax.models import init_model
@@ -75,8 +76,6 @@ def tpu_topology(name: str):
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator.format(chips * (2 if kind in ("v4", "v5p") else 1)))
     extra = {"chip_config_name": "megacore"} if kind in ("v4", "v5p") else {}
     try:
-        from jax.experimental import topologies
-
         return topologies.get_topology_desc(topology_name=name, platform="tpu", **extra)
     except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown name: one clear line
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

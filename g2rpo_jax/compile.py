@@ -16,13 +16,16 @@ published peak and HBM bandwidth, not a measurement.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,6 +77,9 @@ def tpu_topology(name: str):
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator.format(chips * (2 if kind in ("v4", "v5p") else 1)))
+    if "TPU_LOG_DIR" not in os.environ:  # libtpu's driver logs (else /tmp/tpu_logs): gone when the process ends
+        os.environ["TPU_LOG_DIR"] = tempfile.mkdtemp(prefix="g2rpo_compile_libtpu_logs_")
+        atexit.register(shutil.rmtree, os.environ["TPU_LOG_DIR"], ignore_errors=True)
     extra = {"chip_config_name": "megacore"} if kind in ("v4", "v5p") else {}
     try:
         return topologies.get_topology_desc(topology_name=name, platform="tpu", **extra)

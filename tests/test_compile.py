@@ -7,6 +7,8 @@ blocked LM head's custom gradient, accumulation) turns them red.
 
 import json
 import math
+import os
+import tempfile
 
 import jax
 import numpy as np
@@ -87,6 +89,8 @@ def test_a_program_too_large_for_the_chip_exits_3_and_names_the_fix(tmp_path, ca
                    "eval.num_problems=8", "eval.max_new_tokens=16", "data.num_train=1024", "data.num_test=8"])
     report = json.loads(out.read_text())
     assert rc == 3 and report["fits"] is False
+    assert list(tmp_path.iterdir()) == [out]  # and libtpu's logs go to a directory removed at exit
+    assert os.environ["TPU_LOG_DIR"].startswith(tempfile.gettempdir())
     assert not report["functions"]["rollout"]["compiled"] or report["functions"]["rollout"]["peak_bytes"] > 16 * 2**30
     err = capsys.readouterr().err
     rollout = next(line for line in err.splitlines() if line.startswith("does not fit: rollout"))

@@ -211,7 +211,7 @@ def compile_program(fn, args, mesh) -> dict:
     return out
 
 
-def headroom_fix(name: str, result: dict, plan_parts: dict, mesh: dict) -> str:
+def headroom_fix(name: str, result: dict, plan_parts: dict, mesh: dict, cfg: Config) -> str:
     """What to change when program `name` does not fit, in the order a user should try it: the
     largest buffer class first (XLA's breakdown when it compiled, else `g2rpo plan`'s)."""
     state = sum(v for k, v in plan_parts.items() if k.startswith(("params", "optimizer", "reference")))
@@ -220,15 +220,16 @@ def headroom_fix(name: str, result: dict, plan_parts: dict, mesh: dict) -> str:
     if name == "update":
         largest = max((state, "the train state (weights, Adam moments, reference)"),
                       (plan_parts["activations (update, estimate)"], "the update's activations"))
-        activations = ("optim.gradient_checkpointing=true, a larger optim.gradient_accumulation_steps "
-                       "(fewer rows per micro-batch)")
+        activations = ("" if cfg.optim.gradient_checkpointing else "optim.gradient_checkpointing=true, ") + (
+            f"a larger optim.gradient_accumulation_steps (now {cfg.optim.gradient_accumulation_steps}: fewer rows "
+            "per micro-batch, down to one per chip)")
         knobs = [shard_state, activations] if largest[1].startswith("the train") else [activations, shard_state]
         knobs.append("loss.beta=0 (no reference copy or forward)")
     elif name == "rollout":
         largest = max((state, "the train state (weights, Adam moments, reference)"),
                       (plan_parts["KV cache (rollout)"] + plan_parts["prefill (rollout)"], "the rollout's KV cache"))
-        cache = ("a larger rollout.generation_micro_batches (groups generated a few at a time), then a shorter "
-                 "rollout.max_completion_length or data.max_guidance_length")
+        cache = (f"a larger rollout.generation_micro_batches (now {cfg.rollout.generation_micro_batches}: groups "
+                 "generated a few at a time), then a shorter rollout.max_completion_length or data.max_guidance_length")
         knobs = [shard_state, cache] if largest[1].startswith("the train") else [cache, shard_state]
     else:
         largest = max((plan_parts["params (policy)"], "the policy's weights"),
@@ -356,7 +357,7 @@ def main(argv=None) -> int:
         return 0
     for name, f in report["functions"].items():
         if not f["compiled"] or f["peak_bytes"] > report["hbm_bytes_per_chip"]:
-            print(f"does not fit: {headroom_fix(name, f, report['plan_parts'], report['mesh'])}", file=sys.stderr)
+            print(f"does not fit: {headroom_fix(name, f, report['plan_parts'], report['mesh'], cfg)}", file=sys.stderr)
     return 3
 
 

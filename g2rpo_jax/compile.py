@@ -337,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    commit = git_commit()  # the code this process runs, before a long compile
     # The host side runs on the CPU: a TPU VM's own chips (maybe busy training) are never touched.
     jax.config.update("jax_platforms", "cpu")
     try:
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
-    report.update(config=args.config, overrides=list(args.overrides), commit=git_commit())
+    report.update(config=args.config, overrides=list(args.overrides), commit=commit)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if report["fits"]:

@@ -6,7 +6,8 @@ held-out accuracy at step 0 and at the last evaluation, the gain, and the early-
 averaged over RL steps 1..`--early` (KL, gradient norm, unguided training reward, guidance length L,
 entropy) plus the gradient norm at step 1, taken before any RL update (a property of the warm-started
 model). Below each method's rows: median and worst gain, and how many seeds gain at least
-`--threshold`. Reads `metrics.jsonl` only; trains nothing.
+`--threshold`. Reads finished runs only (those with `summary.json`), their `metrics.jsonl`; trains
+nothing. L is shown as `-` for a run that guided no row (vanilla GRPO).
 """
 
 from __future__ import annotations
@@ -32,19 +33,22 @@ def read_run(run_dir: Path, early: int) -> dict:
     for key, _, _ in EARLY:
         vals = [r[key] for r in train if 1 <= r["step"] <= early and key in r]
         out[key] = sum(vals) / len(vals) if vals else float("nan")
+    if not any(r.get("guidance/frac_rows_guided", 1.0) > 0 for r in train):
+        out["guidance/length"] = float("nan")  # no row was guided (vanilla GRPO): the controller's L is moot
     return out
 
 
 def method_table(folder: Path, early: int, threshold: float) -> tuple[list[str], dict]:
+    # finished runs only: train.py writes summary.json when a run completes
     seeds = sorted((int(p.name[4:]), p) for p in folder.glob("seed*")
-                   if p.name[4:].isdigit() and (p / "metrics.jsonl").exists())
+                   if p.name[4:].isdigit() and (p / "summary.json").exists())
     runs = {s: read_run(p, early) for s, p in seeds}
     head = ("| seed | step 0 | end | gain | " + " | ".join(f"{label} (1-{early})" for _, label, _ in EARLY)
             + " | grad norm (step 1) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s, r in runs.items():
         lines.append(f"| {s} | {r['step0']:.3f} | {r['end']:.3f} (step {r['end_step']}) | {r['gain']:+.3f} | "
-                     + " | ".join(format(r[k], fmt) for k, _, fmt in EARLY) + f" | {r['grad_norm_1']:.1f} |")
+                     + " | ".join("-" if r[k] != r[k] else format(r[k], fmt) for k, _, fmt in EARLY) + f" | {r['grad_norm_1']:.1f} |")
     gains = [r["gain"] for r in runs.values()]
     stats = {"n": len(gains)}
     if gains:

@@ -13,6 +13,7 @@ def write_run(path, step0, end, kl):
                      "guidance/length": 40 - s, "entropy": 0.2})
     rows.append({"step": 3, "eval/accuracy": end})
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (path / "summary.json").write_text("{}")
 
 
 def test_seed_table_rows_and_summary(tmp_path):
@@ -20,6 +21,8 @@ def test_seed_table_rows_and_summary(tmp_path):
     write_run(folder / "seed0", 0.2, 0.8, 0.1)
     write_run(folder / "seed1", 0.1, 0.2, 1.0)
     write_run(folder / "seed2", 0.3, 0.7, 0.2)
+    write_run(folder / "seed3", 0.0, 0.0, 0.0)
+    (folder / "seed3" / "summary.json").unlink()  # still running: left out
     out = tmp_path / "t.md"
     assert seed_table.main([str(folder), "--early", "2", "--out", str(out)]) == 0
     text = out.read_text()

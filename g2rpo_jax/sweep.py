@@ -104,7 +104,7 @@ def run_overrides(path: Path, seed: int, out: Path, overrides: list[str], max_st
 def sft_steps_at_equal_budget(sft_cfg, rl_steps: int, overrides: list[str]) -> int:
     """SFT steps for an SFT-only config matching an RL run of `rl_steps` steps of default.yaml: its
     warm-start steps plus one SFT step per `warm_start.batch_size` rollouts of RL (configs/sft.yaml
-    states the same rule for the default 300 steps)."""
+    states the same rule for the default 200 steps)."""
     from g2rpo_jax.config import load_config
 
     rl = load_config(str(resolve_config_path("default")), overrides)

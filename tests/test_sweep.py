@@ -156,10 +156,10 @@ def test_sweep_skips_finished_runs_and_reruns_changed_ones(fake_train, tmp_path,
         assert cfg.train.seed == int(out_dir.name[4:]) and cfg.train.progress is False
         assert cfg.eval.every_steps == 2  # trailing overrides reach every run
         # --max-steps applies to RL configs; the SFT-only config keeps train.max_steps 0 and gets the
-        # default warm start (400 steps) plus 3 RL steps x 8 prompts x 8 rollouts / batch 64 = 3 SFT steps
+        # default warm start (800 steps) plus 3 RL steps x 8 prompts x 8 rollouts / batch 64 = 3 SFT steps
         assert cfg.train.max_steps == (0 if out_dir.parent.name == "sft" else 3)
         if out_dir.parent.name == "sft":
-            assert cfg.warm_start.steps == 400 + 3
+            assert cfg.warm_start.steps == 800 + 3
         info = json.loads((out_dir / "sweep_run.json").read_text())
         assert info["wall_s"] >= 0 and info["command"].startswith("python -m g2rpo_jax.sweep --configs")
     text = (out / "replication.md").read_text()

@@ -31,7 +31,7 @@ from g2rpo_jax.config import load_config  # noqa: E402
 from g2rpo_jax.models import init_model  # noqa: E402
 from g2rpo_jax.policy import architecture_only  # noqa: E402
 from g2rpo_jax.sharding import Placement, global_batch, shard_state, tree_shardings  # noqa: E402
-from g2rpo_jax.train_step import build_optimizer, build_step_fns, init_train_state  # noqa: E402
+from g2rpo_jax.train_step import BATCH_KEYS, build_optimizer, build_step_fns, init_train_state  # noqa: E402
 
 # Dense bf16 peak FLOP/s per device by jax's device_kind (vendors' published figures; TPUs from compile.CHIPS).
 GPU_PEAKS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12,
@@ -95,9 +95,8 @@ def run(args) -> dict:
         jax.block_until_ready(ro.tokens)
         t1 = time.perf_counter()
         rewards = global_batch({"r": rng.random(rows, dtype=np.float32)}, placement.batch, rows)["r"]
-        state, metrics = fns.update(state, {k: getattr(ro, k) for k in ("tokens", "positions", "attention_mask",
-                                                                       "completion_mask", "guidance_mask")},
-                                    rewards, shard_state(np.float32(0.5), placement.replicated))
+        signal = shard_state(np.float32(0.5), placement.replicated)
+        state, metrics = fns.update(state, {k: getattr(ro, k) for k in BATCH_KEYS}, rewards, signal)
         jax.block_until_ready(metrics)
         if step >= args.warmup:
             times.append((t1 - t0, time.perf_counter() - t1))

@@ -40,7 +40,8 @@ from g2rpo_jax.models.hf import abstract_model
 from g2rpo_jax.plan import format_bytes, memory_plan
 from g2rpo_jax.policy import architecture_only
 from g2rpo_jax.sharding import Placement, check_batch, tree_shardings
-from g2rpo_jax.train_step import BATCH_KEYS, build_optimizer, build_step_fns, eval_rows_sharding, init_train_state
+from g2rpo_jax.train_step import (BATCH_KEYS, build_optimizer, build_step_fns, eval_batch_rows, eval_rows_sharding,
+                                  init_train_state)
 
 GiB = 1024**3
 
@@ -111,7 +112,7 @@ def step_programs(cfg: Config, model_cfg, eos_id: int, pad_id: int, placement: P
     state = abstract(state_shape, state_shardings)
     r, d = cfg.rollout, cfg.data
     rows = r.prompts_per_step * r.num_generations
-    eval_rows = min(cfg.eval.batch_size, cfg.eval.num_problems)
+    eval_rows = eval_batch_rows(cfg)
     fns = build_step_fns(cfg, graphdef, optimizer, schedule, eos_id=eos_id, pad_id=pad_id, eval_rows=eval_rows,
                          placement=placement, state_shardings=state_shardings)
     b, rep = placement.batch, placement.replicated
@@ -157,7 +158,7 @@ def flops_from_shapes(cfg: Config, model_cfg) -> dict:
     passes = 3 + (1 if cfg.optim.gradient_checkpointing else 0)  # forward + backward (2x) [+ recompute]
     update = cfg.loss.num_iterations * passes * forward
     update += forward * ((cfg.loss.beta > 0) + (cfg.loss.num_iterations > 1))  # reference and old log-probs
-    eval_rows = min(cfg.eval.batch_size, cfg.eval.num_problems)
+    eval_rows = eval_batch_rows(cfg)
     return {"rollout": generation(rows, groups, context, new), "update": update,
             "generate_eval": generation(eval_rows, eval_rows, d.max_prompt_length, cfg.eval.max_new_tokens)}
 
@@ -173,7 +174,7 @@ def decode_bytes(cfg: Config, model_cfg, num_params: int, mesh: dict) -> dict:
     chips, rows_split = int(np.prod(list(mesh.values()))), mesh["data"] * mesh["fsdp"]
     rows = r.prompts_per_step * r.num_generations
     seq = d.max_prompt_length + d.max_guidance_length + r.max_completion_length
-    eval_rows = min(e.batch_size, e.num_problems)
+    eval_rows = eval_batch_rows(cfg)
     eval_share = chips if eval_rows % rows_split == 0 else max(1, mesh["tensor"])  # replicated rows: all of them
     eval_seq = d.max_prompt_length + e.max_new_tokens
     return {"rollout": r.max_completion_length * (r.generation_micro_batches * wbytes + rows * seq * kv_token / chips),

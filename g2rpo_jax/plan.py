@@ -27,6 +27,7 @@ from g2rpo_jax.config import Config, ConfigError, load_config
 from g2rpo_jax.policy import architecture_only, pretrained_config
 from g2rpo_jax.sharding import (KV_CACHE_AXES, MESH_AXES, logical_to_spec, mesh_shape,
                                 param_logical_axes, path_name)
+from g2rpo_jax.train_step import eval_batch_rows
 
 FIT_FRACTION = 0.9  # XLA and the runtime keep some memory for themselves
 
@@ -112,7 +113,7 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
 
     # evaluation: the greedy generate's KV cache, its rows over the mesh when they split evenly
     e = cfg.eval
-    eval_rows = min(e.batch_size, e.num_problems)
+    eval_rows = eval_batch_rows(cfg)
     eval_rows = eval_rows // (mesh["data"] * mesh["fsdp"]) if eval_rows % (mesh["data"] * mesh["fsdp"]) == 0 else eval_rows
     eval_kv = (2 * m.num_hidden_layers * eval_rows * (d.max_prompt_length + e.max_new_tokens)
                * _split(nkv * hd, "kv_heads", mesh) * abytes)

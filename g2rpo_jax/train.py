@@ -39,8 +39,8 @@ from g2rpo_jax.sharding import (Placement, abstract_like, check_batch, gather_ho
                                 maybe_initialize_distributed, process_rows, shard_state, sync_processes, to_host,
                                 tree_shardings)
 from g2rpo_jax.dynamic_sampling import choose_groups, enough_groups, group_rows, groups_with_spread, take_rows
-from g2rpo_jax.train_step import (BATCH_KEYS, TrainState, build_optimizer, build_step_fns, init_train_state,
-                                  resolved_guidance)
+from g2rpo_jax.train_step import (BATCH_KEYS, TrainState, build_optimizer, build_step_fns, eval_batch_rows,
+                                  init_train_state, resolved_guidance)
 from g2rpo_jax.warm_start import warm_start
 
 log = logging.getLogger("g2rpo_jax")
@@ -134,7 +134,7 @@ def make_evaluator(generate_fn, tokenizer, test: TokenizedDataset, cfg: Config, 
     """Greedy accuracy on held-out problems (no guidance), in chunks of `eval_batch_rows(cfg, test)`
     rows (one compile): `generate_fn` is `StepFns.generate_eval`. Accuracy is the reward that drives
     the guidance controller (``reward.controller_signal``)."""
-    n, bs = min(cfg.eval.num_problems, len(test.answers)), eval_batch_rows(cfg, test)
+    n, bs = min(cfg.eval.num_problems, len(test.answers)), eval_batch_rows(cfg, len(test.answers))
     signal = cfg.reward.controller_signal
     reward_fn = configured_rewards([signal], cfg.reward, pool)[signal]
 
@@ -149,11 +149,6 @@ def make_evaluator(generate_fn, tokenizer, test: TokenizedDataset, cfg: Config, 
         return {"eval/accuracy": float(np.mean(correct)), "eval/num_problems": n}
 
     return evaluate
-
-
-def eval_batch_rows(cfg: Config, test: TokenizedDataset) -> int:
-    """Rows per evaluation generate: eval.batch_size, or fewer when there are fewer problems."""
-    return min(cfg.eval.batch_size, cfg.eval.num_problems, len(test.answers))
 
 
 def should_eval(step: int, cfg: Config) -> bool:
@@ -391,7 +386,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     state_shardings = tree_shardings(state, placement.mesh)
     state = shard_state(state, state_shardings)
     fns = build_step_fns(cfg, graphdef, optimizer, schedule, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                         eval_rows=eval_batch_rows(cfg, task.test), placement=placement,
+                         eval_rows=eval_batch_rows(cfg, len(task.test.answers)), placement=placement,
                          state_shardings=state_shardings)
     pool = ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)  # workers start on first use
     evaluate = make_evaluator(fns.generate_eval, tok, task.test, cfg, pool)

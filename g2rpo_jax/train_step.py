@@ -290,6 +290,12 @@ def loss_settings(cfg: Config) -> dict:
                 kl_estimator=lc.kl_estimator, guidance_loss=lc.guidance_loss, importance_gamma=lc.importance_gamma)
 
 
+def eval_batch_rows(cfg: Config, num_test: int | None = None) -> int:
+    """Rows per evaluation generate: eval.batch_size, or fewer when there are fewer problems
+    (`num_test`: the held-out split's size, when known)."""
+    return min(cfg.eval.batch_size, cfg.eval.num_problems, *([num_test] if num_test is not None else []))
+
+
 def eval_rows_sharding(placement: Placement, rows: int):
     """Evaluation rows go over the mesh's batch axes when they divide them, else every device
     generates all of them."""

@@ -208,7 +208,8 @@ def compile_program(fn, args, mesh) -> dict:
     out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
                          + out["generated_code_bytes"])
     out.update(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-               compile_seconds=round(seconds, 1))
+               compile_seconds=round(seconds, 1),
+               pallas_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'))  # Mosaic kernels
     return out
 
 

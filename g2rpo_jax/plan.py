@@ -4,7 +4,8 @@ The memory one run needs on each device for the configured mesh, computed from t
 and the sharding rules of g2rpo_jax/sharding.py (nothing is compiled or allocated): parameters,
 Adam moments, reference policy, gradients, the rollout's KV cache (one generation micro-batch's, plus
 the shared prefill's context cache and attention scores) and the update's activations (with
-model.scan_layers, plus the stacked layer weights and their gradient). The
+model.scan_layers, plus the stacked layer weights and their gradient; no float32 attention scores
+with model.attn_implementation=splash). The
 peak is the persistent state plus the larger of the rollout (KV cache) and the update (gradients +
 activations of one micro-batch, optim.gradient_accumulation_steps and optim.gradient_checkpointing
 taken into account); the activation term is an estimate (XLA temporaries ignored), so leave
@@ -87,8 +88,10 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
     kv = 2 * m.num_hidden_layers * _per_device((gen_rows, seq, nkv, hd), KV_CACHE_AXES, mesh) * abytes
     context = d.max_prompt_length + d.max_guidance_length
     groups = -(-(gen_rows // r.num_generations) // (mesh["data"] * mesh["fsdp"]))  # XLA pads an uneven split
+    # model.attn_implementation=splash never materialises the float32 scores (models/attention.py)
+    scores = 0 if m.attn_implementation == "splash" else 2 * 4
     prefill = (2 * m.num_hidden_layers * groups * context * _split(nkv * hd, "kv_heads", mesh) * abytes
-               + 2 * groups * _split(nh, "heads", mesh) * context * context * 4)
+               + scores * groups * _split(nh, "heads", mesh) * context * context)
 
     # update: policy forward + backward over one micro-batch of [rows / k, seq - 1] tokens
     k = cfg.optim.gradient_accumulation_steps
@@ -96,7 +99,7 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
     heads, kv_heads = _split(nh * hd, "heads", mesh), _split(nkv * hd, "kv_heads", mesh)
     per_layer = b * t * (6 * m.hidden_size + 4 * _split(m.intermediate_size, "mlp", mesh)
                          + 2 * (heads + 2 * kv_heads)) * abytes
-    per_layer += 2 * b * (heads // hd) * t * t * 4  # float32 attention scores and probabilities
+    per_layer += scores * b * (heads // hd) * t * t  # float32 attention scores and probabilities
     if cfg.optim.gradient_checkpointing:  # each layer's input kept; one layer's activations rebuilt at a time
         layers = m.num_hidden_layers * b * t * m.hidden_size * abytes + per_layer
     else:

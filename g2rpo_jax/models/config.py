@@ -11,6 +11,7 @@ from typing import Any
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 _DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("xla", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,10 @@ class ModelConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # Self-attention of whole sequences (update, scoring, prefill): `xla` (einsums, float32 scores
+    # materialised) or `splash` (JAX's Pallas splash-attention kernel on TPU; the einsums on GPU; Pallas
+    # interpret mode on CPU, slow). Named after transformers' attn_implementation (models/attention.py).
+    attn_implementation: str = "xla"
 
     # ------------------------------------------------------------------ derived properties
     @property
@@ -99,6 +104,9 @@ class ModelConfig:
             v = getattr(self, name)
             if v not in _DTYPES:
                 raise ValueError(f"model.{name}={v!r} is not supported; choose one of {', '.join(_DTYPES)}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation={self.attn_implementation!r} is not supported; choose one of "
+                             f"{', '.join(ATTN_IMPLEMENTATIONS)} (splash: the Pallas TPU kernel)")
         return self
 
     # ------------------------------------------------------------------ HF conversion
@@ -116,6 +124,7 @@ class ModelConfig:
         # transformers stores torch_dtype / dtype as e.g. "bfloat16"; only accept known names.
         if "dtype" in kw and kw["dtype"] not in _DTYPES:
             kw.pop("dtype")
+        kw.pop("attn_implementation", None)  # transformers' names (sdpa, eager, ...) are not ours
         for k in ("rope_theta", "rms_norm_eps", "initializer_range"):
             if k in kw and kw[k] is not None:
                 kw[k] = float(kw[k])
@@ -134,6 +143,7 @@ class ModelConfig:
         d["torch_dtype"] = self.param_dtype
         d.pop("param_dtype")
         d.pop("dtype")
+        d.pop("attn_implementation")
         d["architectures"] = [
             {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
             .get(self.model_type, "")

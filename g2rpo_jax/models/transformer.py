@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g2rpo_jax import sharding
+from g2rpo_jax.models.attention import causal_attention
 from g2rpo_jax.models.config import ModelConfig
 
 # Large finite negative for masked attention scores: a fully-masked row softmaxes to a
@@ -115,6 +116,7 @@ class Attention(nnx.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = hd
+        self.implementation = cfg.attn_implementation
         H = cfg.hidden_size
         self.q_proj = Linear(H, self.num_heads * hd, use_bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
         self.k_proj = Linear(H, self.num_kv_heads * hd, use_bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
@@ -138,6 +140,18 @@ class Attention(nnx.Module):
             k = self.k_norm(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+
+        # A Python 0 (not a traced index) marks a prefill into a fresh cache: its queries attend
+        # only the keys computed here, so the kernel's self-attention applies.
+        fresh = cache is None or (isinstance(cache_index, int) and cache_index == 0)
+        if self.implementation == "splash" and fresh:
+            if cache is not None:
+                zero = jnp.zeros((), jnp.int32)
+                cache = LayerCache(*(sharding.constrain(
+                    jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (zero, zero, zero, zero)),
+                    sharding.KV_CACHE_AXES) for c, new in ((cache.k, k), (cache.v, v))))
+            out = causal_attention(q, k, v, attention_mask[:, :T])
+            return self.o_proj(out.reshape(B, T, nh * hd)), cache
 
         if cache is not None:
             idx = jnp.asarray(cache_index, jnp.int32)

@@ -1,10 +1,13 @@
-"""The README's TPU table from `g2rpo compile --out` reports.
+"""The README's TPU tables from `g2rpo compile --out` reports.
 
     python bench/compile_table.py docs/compile/*.json
+    python bench/compile_table.py --compare BEFORE.json AFTER.json
 
 One Markdown row per report: config and the overrides beyond the model directory, slice, mesh,
 peak GiB per chip of the largest program against the chip's HBM, fits, plan's estimate, total
 compile seconds, and the roofline lower bound of one step (rollout + update) from the report.
+`--compare`: one row per program of two reports of the same run (a knob changed): peak GiB per chip,
+XLA's bytes accessed and the Mosaic kernels in the program, before -> after.
 """
 
 from __future__ import annotations
@@ -39,5 +42,18 @@ def table(paths) -> str:
     return "\n".join([head, *(row(json.loads(Path(p).read_text())) for p in paths)])
 
 
+def compare(before: dict, after: dict) -> str:
+    lines = ["| program | peak GiB per chip | XLA GB accessed | Pallas kernels |", "|---|---|---|---|"]
+    for name, b in before["functions"].items():
+        a = after["functions"][name]
+        lines.append(f"| {name} | {b['peak_bytes'] / GiB:.1f} -> {a['peak_bytes'] / GiB:.1f} | "
+                     f"{b['bytes_accessed'] / 1e9:.0f} -> {a['bytes_accessed'] / 1e9:.0f} | "
+                     f"{b.get('pallas_calls', 0)} -> {a.get('pallas_calls', 0)} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1:]))
+    if sys.argv[1:2] == ["--compare"]:
+        print(compare(*(json.loads(Path(p).read_text()) for p in sys.argv[2:4])))
+    else:
+        print(table(sys.argv[1:]))

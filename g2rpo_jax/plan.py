@@ -5,7 +5,7 @@ and the sharding rules of g2rpo_jax/sharding.py (nothing is compiled or allocate
 Adam moments, reference policy, gradients, the rollout's KV cache (one generation micro-batch's, plus
 the shared prefill's context cache and attention scores) and the update's activations (with
 model.scan_layers, plus the stacked layer weights and their gradient; no float32 attention scores
-with model.attn_implementation=splash). The
+with model.attn_implementation=splash), and under FSDP the weights gathered for generation. The
 peak is the persistent state plus the larger of the rollout (KV cache) and the update (gradients +
 activations of one micro-batch, optim.gradient_accumulation_steps and optim.gradient_checkpointing
 taken into account); the activation term is an estimate (XLA temporaries ignored), so leave
@@ -121,14 +121,22 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
     eval_kv = (2 * m.num_hidden_layers * eval_rows * (d.max_prompt_length + e.max_new_tokens)
                * _split(nkv * hd, "kv_heads", mesh) * abytes)
 
+    # Under FSDP the decode loop needs each layer's whole weights at every step, and XLA gathers them
+    # once, before the loop: compiled for TPU, the rollout's and the evaluation's temporaries hold
+    # about one compute-dtype copy of the weights sharded over tensor only (1.7B on v5e:2x4: 3.2 GiB).
+    unsharded = {**mesh, "fsdp": 1}
+    gathered = 0 if mesh["fsdp"] == 1 else abytes * sum(
+        _per_device(x.shape, param_logical_axes(path_name(kp), x.ndim), unsharded) for kp, x in leaves)
+
     p = param_elems * pbytes
     # with accumulation the running sum and one micro-batch's; then optax's update tree, the size of
     # the weights, before it is applied
     grads = (p if k == 1 else 2 * p) + p
     parts = {"params (policy)": p, "optimizer (Adam m, v)": 2 * p, "reference policy": p,
              "gradients (update)": grads, "KV cache (rollout)": kv, "prefill (rollout)": prefill,
-             "activations (update, estimate)": activations, "KV cache (evaluation)": eval_kv}
-    peak = 4 * p + max(kv + prefill, grads + activations, eval_kv)
+             "activations (update, estimate)": activations, "KV cache (evaluation)": eval_kv,
+             "gathered weights (generation, fsdp)": gathered}
+    peak = 4 * p + max(kv + prefill + gathered, grads + activations, eval_kv + gathered)
     return MemoryPlan(mesh, num_params, parts, peak, device_memory)
 
 

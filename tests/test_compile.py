@@ -143,3 +143,21 @@ def test_readme_table_row_from_a_report(tiny_report, tmp_path):
     assert cells[:4] == ["`default` (y)", "`mesh.fsdp=1`", "v5e:2x2", "4x1x1"]
     assert cells[4] == f"{report['peak_bytes'] / 2**30:.1f} / 16" and cells[5] == "yes"
     assert cells[7] == f"{sum(f['compile_seconds'] for f in report['functions'].values()):.0f}"
+
+
+def test_compare_table_of_two_reports(tiny_report):
+    """bench/compile_table.py --compare: per program, peak GiB, XLA GB accessed and kernels before -> after."""
+    import sys
+
+    sys.path.insert(0, "bench")
+    import compile_table
+
+    _, before = tiny_report
+    after = json.loads(json.dumps(before))
+    after["functions"]["update"].update(peak_bytes=2 * 2**30, bytes_accessed=3e9, pallas_calls=4)
+    rows = compile_table.compare(before, after).splitlines()
+    assert len(rows) == 2 + 3
+    update = [c.strip() for c in next(r for r in rows if r.startswith("| update")).strip("|").split("|")]
+    b = before["functions"]["update"]
+    assert update == ["update", f"{b['peak_bytes'] / 2**30:.1f} -> 2.0", f"{b['bytes_accessed'] / 1e9:.0f} -> 3",
+                      "0 -> 4"]

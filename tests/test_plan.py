@@ -38,6 +38,11 @@ def test_parameter_and_kv_cache_bytes_by_hand():
     one = memory_plan(load_config(None, [*TINY, "mesh.data=1"]), model_of(cfg), num_devices=1)
     assert one.parts["params (policy)"] == 4 * (2048 + 3 * 32 + 1024 + 32 + 2 * (512 + 16) + 1024 + 3 * 2048)
     assert plan.peak < one.peak and plan.fits
+    # generation under fsdp = 2 holds the weights gathered over fsdp (still split over tensor = 2) in the
+    # compute dtype; without fsdp nothing is gathered
+    assert plan.parts["gathered weights (generation, fsdp)"] == 4 * (
+        2048 // 2 + 3 * 32 + 1024 // 2 + 16 + 2 * (512 // 2 + 8) + 1024 // 2 + 3 * (2048 // 2))
+    assert one.parts["gathered weights (generation, fsdp)"] == 0
 
 
 def test_warns_and_exits_1_when_the_run_does_not_fit(capsys):

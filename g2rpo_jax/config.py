@@ -118,6 +118,7 @@ class LossConfig:
     beta: float = 0.04
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None  # None = epsilon (symmetric clip)
+    # optimizer updates per batch (TRL's name); the learning-rate schedule spans max_steps x num_iterations
     num_iterations: int = 1
     scale_rewards: Literal["group", "batch", "none"] = "group"
     kl_estimator: Literal["k1", "k3", "low_var"] = "k3"

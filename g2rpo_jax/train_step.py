@@ -239,7 +239,8 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
         metrics.update(group_reward_stats(rewards, num_generations))
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["learning_rate"] = schedule(state.step)
+        # the rate of this step's last update (the optimizer has made num_iterations per earlier step)
+        metrics["learning_rate"] = schedule(state.step * num_iterations + num_iterations - 1)
         metrics["advantages/abs_mean"] = jnp.mean(jnp.abs(adv))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, guidance=guidance)
         return new_state, metrics
@@ -262,10 +263,17 @@ def resolved_guidance(cfg: Config) -> GuidanceConfig:
     return g if g.total_steps else dataclasses.replace(g, total_steps=max(cfg.train.max_steps, 1))
 
 
+def optimizer_updates(cfg: Config) -> int:
+    """The run's optimizer updates, the schedule's horizon: `loss.num_iterations` per RL step (gradient
+    accumulation sums micro-batches into one update)."""
+    return cfg.train.max_steps * cfg.loss.num_iterations
+
+
 def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, learning-rate schedule) of the `optim` section over `train.max_steps`."""
+    """(optimizer, learning-rate schedule) of the `optim` section over the run's optimizer updates
+    (optax counts the updates, so warm-up and decay span the run whatever `num_iterations` is)."""
     o = cfg.optim
-    schedule = learning_rate_schedule(o.learning_rate, cfg.train.max_steps, o.warmup_ratio, o.min_lr_rate,
+    schedule = learning_rate_schedule(o.learning_rate, optimizer_updates(cfg), o.warmup_ratio, o.min_lr_rate,
                                       o.lr_scheduler_type)
     optimizer = make_optimizer(schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
                                weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)

@@ -9,10 +9,12 @@ compile serves every guidance length.
 Schedules (`cfg.schedule`), with k = number of optimizer steps completed after the update (k >= 1):
 
 - ``fixed``: ``L = initial_length`` forever.
-- ``linear_decay``: ``L_k = max(0, round(L_max * (1 - k / total_steps)))`` (the paper's rule-based
-  baseline decays to 0; past ``total_steps`` it stays 0). The initial state has ``L_0 = L_max``.
-- ``cosine``: ``L_k = round(L_max * 0.5 * (1 + cos(pi * min(k, total_steps) / total_steps)))``
-  (UFT-style annealing, stays 0 past ``total_steps``). The initial state has ``L_0 = L_max``.
+- ``linear_decay``: ``L_k = max(0, round(L_max * (1 - k / (total_steps - 1))))`` (the paper's
+  rule-based baseline decays to 0: step ``k`` of ``0 .. total_steps - 1`` uses ``L_k``, so the last step
+  of training uses 0; past it L stays 0). The initial state has ``L_0 = L_max``.
+- ``cosine``: ``L_k = round(L_max * 0.5 * (1 + cos(pi * min(k, n) / n)))`` with ``n = total_steps - 1``
+  (UFT-style annealing to 0 at the last step, stays 0 after). The initial state has ``L_0 = L_max``.
+  (Both use ``n = 1`` when ``total_steps`` is 1.)
 - ``adaptive`` with ``rule="paper"``: with ``m = min(T, k - 1)`` previous rewards,
   ``L = clip(floor(L * mean(previous m rewards) / r_k), L_min, L_max)`` when ``m >= 1``, ``r_k > 0``
   and the mean ``> 0``; otherwise unchanged. Then ``r_k`` is pushed into the ring buffer.
@@ -272,7 +274,8 @@ def _update_length(state: GuidanceState, r: jax.Array, cfg: GuidanceConfig) -> G
     recorded = state.replace(history=_push(state.history, state.count, r), count=state.count + 1, step=k)
     if cfg.schedule == "fixed":
         return recorded.replace(length=jnp.asarray(cfg.initial_length, jnp.int32))
-    total = float(_require_total_steps(cfg))
+    # the length after k updates serves step k (0-based): the last step, total_steps - 1, gets 0
+    total = float(max(_require_total_steps(cfg) - 1, 1))
     kf = jnp.minimum(k.astype(jnp.float32), total)
     if cfg.schedule == "linear_decay":
         L = jnp.round(cfg.max_length * (1.0 - kf / total))

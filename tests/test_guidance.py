@@ -174,11 +174,11 @@ def test_linear_decay_schedule():
     cfg = GuidanceConfig(schedule="linear_decay", initial_length=64, max_length=64, total_steps=10)
     assert int(init_guidance_state(cfg).length) == 64  # L_0 = L_max
     got, _ = _run_eager(cfg, [0.5] * 12)
-    # L_k = max(0, round(64 * (1 - k/10))): k=1 57.6->58, k=2 51.2->51, k=3 44.8->45, k=4 38.4->38,
-    # k=5 32, k=6 25.6->26, k=7 19.2->19, k=8 12.8->13, k=9 6.4->6, k=10 0, past the end 0
-    assert got == [58, 51, 45, 38, 32, 26, 19, 13, 6, 0, 0, 0]
-    # round half to even: L_max=5, total=2: k=1 -> 2.5 -> 2
-    cfg2 = GuidanceConfig(schedule="linear_decay", initial_length=5, max_length=5, total_steps=2)
+    # step k of 0..9 uses L_k = max(0, round(64 * (1 - k/9))): k=1 56.9->57, k=2 49.8->50, k=3 42.7->43,
+    # k=4 35.6->36, k=5 28.4->28, k=6 21.3->21, k=7 14.2->14, k=8 7.1->7, k=9 (the last step) 0, then 0
+    assert got == [57, 50, 43, 36, 28, 21, 14, 7, 0, 0, 0, 0]
+    # round half to even: L_max=5, total=3: k=1 -> 2.5 -> 2, the last step 0
+    cfg2 = GuidanceConfig(schedule="linear_decay", initial_length=5, max_length=5, total_steps=3)
     assert _run_eager(cfg2, [0.5, 0.5])[0] == [2, 0]
 
 
@@ -186,10 +186,10 @@ def test_cosine_schedule():
     cfg = GuidanceConfig(schedule="cosine", initial_length=64, max_length=64, total_steps=10)
     assert int(init_guidance_state(cfg).length) == 64
     got, _ = _run_eager(cfg, [0.5] * 15)
-    # L_k = round(32 * (1 + cos(pi*k/10))): k=1 32*1.951057=62.43->62, k=2 32*1.809017=57.89->58,
-    # k=5 32*1=32, k=8 32*(1-0.809017)=6.11->6, k=10 0; k > 10 held at 0 (k clamped to total_steps)
-    assert got[0] == 62 and got[1] == 58 and got[4] == 32 and got[7] == 6 and got[9] == 0
-    assert got[10:] == [0] * 5
+    # L_k = round(32 * (1 + cos(pi*k/9))): k=1 32*1.939693=62.07->62, k=2 32*1.766044=56.51->57,
+    # k=5 32*0.826352=26.44->26, k=8 32*0.060307=1.93->2, k=9 (the last step) 0; after it held at 0
+    assert got[0] == 62 and got[1] == 57 and got[4] == 26 and got[7] == 2 and got[8] == 0
+    assert got[9:] == [0] * 6
 
 
 def test_decay_needs_total_steps():

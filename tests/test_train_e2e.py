@@ -45,9 +45,9 @@ def test_metrics_rows_have_the_documented_keys_and_advance(run):
         assert 0.0 <= r["reward"] <= 1.0
         assert 0.0 <= r["frac_reward_zero_std"] <= 1.0
     assert [("eval/accuracy" in r) for r in rows] == [True, False, True, False, True]
-    # linear_decay over 4 steps from 8: the length used at steps 1..4 shrinks
+    # linear_decay over 4 steps from 8: round(8 * (1 - k/3)) at steps k = 0..3, 0 at the last one
     lengths = [r["guidance/length"] for r in rows[1:]]
-    assert lengths[0] == 8 and lengths == sorted(lengths, reverse=True) and lengths[-1] < 8
+    assert lengths == [8, 5, 3, 0]
 
 
 def test_state_advances(run):

@@ -86,6 +86,63 @@ def test_transformers4_style_config(tmp_path):
     assert _max_diff(wrong, ref) > 1e-3
 
 
+# RoPE scaling: windows far below the 80 positions compared, so every variant is active
+ROPE_CASES = {
+    "linear": ("llama", {"rope_type": "linear", "factor": 2.5}, {}),
+    "dynamic": ("qwen2", {"rope_type": "dynamic", "factor": 2.0}, dict(max_position_embeddings=24)),
+    # wavelengths 6.3 (kept), 63 (blended), 628 and 6283 (divided by factor) against 64 / high 16 / low 64
+    "llama3": ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64}, {}),
+    "yarn": ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+             dict(head_dim=16, max_position_embeddings=128)),
+    "yarn_mscale_betas": ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                    "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2}, {}),
+}
+LONG_IDS = np.random.default_rng(1).integers(0, V, size=(2, 80)).astype(np.int32)
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope_scaling_matches_transformers_beyond_the_original_window(case, tmp_path):
+    model_type, rope, extra = ROPE_CASES[case]
+    ref_model = tiny_torch_model(model_type, rope_parameters={**rope, "rope_theta": 1e4}, **extra)
+    ref_model.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path)
+    assert dict(ours.config.rope_scaling)["rope_type"] == rope["rope_type"]
+    ref = torch_logits(ref_model, LONG_IDS)
+    assert _max_diff_ids(ours, ref, LONG_IDS) < 1e-4
+    # the scaling matters at these positions: plain RoPE gives other logits
+    plain = PretrainedModel(dataclasses.replace(ours.config, rope_scaling=None),
+                            *_rebuild(ours, rope_scaling=None))
+    assert _max_diff_ids(plain, ref, LONG_IDS) > 1e-3
+
+
+def test_rope_scaling_in_transformers4_layout_and_export(tmp_path):
+    """A transformers 4 config.json (rope_scaling with `type`, top-level rope_theta) loads; the export
+    writes both layouts and transformers reads back the same model."""
+    rope = ROPE_CASES["llama3"][1]
+    ref_model = tiny_torch_model("llama", rope_parameters={**rope, "rope_theta": 5e5})
+    ref_model.save_pretrained(tmp_path / "v5")
+
+    def to_v4(d):
+        params = d.pop("rope_parameters")
+        d["rope_theta"] = params.pop("rope_theta")
+        d["rope_scaling"] = {"type": params.pop("rope_type"), **params}
+
+    ref_model.save_pretrained(tmp_path / "v4")
+    _rewrite_config(tmp_path / "v4", to_v4)
+    ref = torch_logits(ref_model, LONG_IDS)
+    ours = load_pretrained(tmp_path / "v4")
+    assert ours.config == load_pretrained(tmp_path / "v5").config
+    assert _max_diff_ids(ours, ref, LONG_IDS) < 1e-4
+    save_pretrained(ours.config, ours.params, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert np.abs(torch_logits(back, LONG_IDS) - ref).max() < 1e-4
+
+
+def _max_diff_ids(ours: PretrainedModel, ref: np.ndarray, ids) -> float:
+    return float(np.abs(np.asarray(ours(ids)) - ref).max())
+
+
 def _rebuild(model, **changes):
     cfg = dataclasses.replace(model.config, **changes)
     graphdef, _ = hf.abstract_model(cfg)
@@ -187,8 +244,11 @@ def _write_config(path, **d):
 @pytest.mark.parametrize("config,error,match", [
     (dict(model_type="gpt2"), ValueError, "model_type 'gpt2' is not supported; supported: llama, qwen2, qwen3"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), ValueError,
-     "RoPE scaling 'llama3'"),
-    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), ValueError, "RoPE scaling 'yarn'"),
+     "rope_parameters of type 'llama3' needs low_freq_factor, high_freq_factor, original_max_position_embeddings"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), ValueError,
+     "rope_scaling of type 'yarn' needs original_max_position_embeddings"),
+    (dict(rope_scaling={"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}), ValueError,
+     "rope_scaling.rope_type 'longrope' is not supported; supported: default, linear, dynamic, llama3, yarn"),
     (dict(hidden_size=None), ValueError, "missing hidden_size"),
     (dict(), FileNotFoundError, "no model.safetensors"),
 ])

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from g2rpo_jax.models.rope import REQUIRED as ROPE_SCALING_TYPES
+from g2rpo_jax.models.rope import scaling_from_hf, scaling_to_hf
+
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 _DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("xla", "splash")
@@ -27,6 +30,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 512
+    # RoPE scaling (transformers' rope_scaling / rope_parameters: linear, dynamic, llama3, yarn) as
+    # sorted (key, value) pairs, hashable; None = plain RoPE (models/rope.py). Read from config.json.
+    rope_scaling: tuple | None = None
     attention_bias: bool | None = None
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
@@ -104,6 +110,11 @@ class ModelConfig:
             v = getattr(self, name)
             if v not in _DTYPES:
                 raise ValueError(f"model.{name}={v!r} is not supported; choose one of {', '.join(_DTYPES)}")
+        if self.rope_scaling is not None:
+            kind = dict(self.rope_scaling).get("rope_type")
+            if kind not in ROPE_SCALING_TYPES:
+                raise ValueError(f"model.rope_scaling type {kind!r} is not supported; choose one of "
+                                 f"{', '.join(ROPE_SCALING_TYPES)} (or null for plain RoPE)")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"model.attn_implementation={self.attn_implementation!r} is not supported; choose one of "
                              f"{', '.join(ATTN_IMPLEMENTATIONS)} (splash: the Pallas TPU kernel)")
@@ -125,6 +136,7 @@ class ModelConfig:
         if "dtype" in kw and kw["dtype"] not in _DTYPES:
             kw.pop("dtype")
         kw.pop("attn_implementation", None)  # transformers' names (sdpa, eager, ...) are not ours
+        kw["rope_scaling"] = scaling_from_hf(d)
         for k in ("rope_theta", "rms_norm_eps", "initializer_range"):
             if k in kw and kw[k] is not None:
                 kw[k] = float(kw[k])
@@ -138,7 +150,10 @@ class ModelConfig:
             d.pop("attention_bias")  # Qwen2Config has no such field (biases are fixed)
         else:
             d["attention_bias"] = bool(self.attention_bias)
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": float(self.rope_theta)}
+        scaling = scaling_to_hf(d.pop("rope_scaling"))
+        d["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": float(self.rope_theta)}
+        if scaling:  # transformers 4 reads the variant from rope_scaling
+            d["rope_scaling"] = scaling
         d["hidden_act"] = "silu"
         d["torch_dtype"] = self.param_dtype
         d.pop("param_dtype")

@@ -141,17 +141,6 @@ def hf_tensors_from_params(params) -> dict[str, jax.Array]:
 
 
 # ---------------------------------------------------------------------------- config.json
-def _rope_type(d: Mapping[str, Any]) -> str | None:
-    """The RoPE variant of a transformers 4 (``rope_scaling``) or 5 (``rope_parameters``) config."""
-    for key in ("rope_parameters", "rope_scaling"):
-        rp = d.get(key)
-        if isinstance(rp, dict):
-            t = rp.get("rope_type", rp.get("type"))
-            if t not in (None, "default"):
-                return t
-    return None
-
-
 def config_from_hf_dict(d: Mapping[str, Any], dtype: str = "float32", source: str = "config.json") -> ModelConfig:
     """A validated :class:`ModelConfig` from a transformers ``config.json`` dict (v4 or v5 layout).
 
@@ -166,8 +155,6 @@ def config_from_hf_dict(d: Mapping[str, Any], dtype: str = "float32", source: st
     if absent:
         raise ValueError(f"{source}: missing {', '.join(absent)}; not a complete transformers config.json")
     problems = []
-    if _rope_type(d):
-        problems.append(f"RoPE scaling {_rope_type(d)!r} (only the default RoPE is implemented)")
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {d['hidden_act']!r} (only silu)")
     if d.get("mlp_bias"):
@@ -181,9 +168,8 @@ def config_from_hf_dict(d: Mapping[str, Any], dtype: str = "float32", source: st
     if full.get("num_key_value_heads") is None:
         full["num_key_value_heads"] = full["num_attention_heads"]
     full.pop("dtype", None)
-    cfg = ModelConfig.from_hf_dict(full, dtype=dtype, param_dtype=dtype)
     try:
-        return cfg.validate()
+        return ModelConfig.from_hf_dict(full, dtype=dtype, param_dtype=dtype).validate()
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
 

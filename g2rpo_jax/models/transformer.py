@@ -28,6 +28,7 @@ from flax import nnx
 from g2rpo_jax import sharding
 from g2rpo_jax.models.attention import causal_attention
 from g2rpo_jax.models.config import ModelConfig
+from g2rpo_jax.models.rope import cos_sin, rope_cos_sin  # noqa: F401  (rope_cos_sin: plain RoPE, tests)
 
 # Large finite negative for masked attention scores: a fully-masked row softmaxes to a
 # uniform distribution instead of NaN.
@@ -80,14 +81,6 @@ class RMSNorm(nnx.Module):
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.compute_dtype)
         return self.weight[...].astype(self.compute_dtype) * y
-
-
-def rope_cos_sin(positions, head_dim: int, theta: float):
-    """cos/sin tables ``[B, T, head_dim]`` (float32) for integer ``positions [B, T]``."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
 
 
 def _rotate_half(x):
@@ -229,7 +222,7 @@ class Transformer(nnx.Module):
                       scan=False):
         cfg = self.config
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta)
+        cos, sin = cos_sin(positions, cfg)
         attention_mask = attention_mask.astype(bool)
         if scan and cache is None:
             return self.norm(self._scan_layers(x, cos, sin, attention_mask, remat)), None

@@ -6,7 +6,7 @@
 Builds the step exactly as `g2rpo train` does (`train_step.build_step_fns` on the local mesh), from
 configs/qwen3_0.6b_math.yaml with the architecture of configs/shapes/qwen3-0.6b (random weights), at a
 paper-like batch cut to fit a short check (flags below). Compiles rollout and update ahead of time to
-read XLA's memory prediction per device (`compile.compile_program`, as `g2rpo compile`), then runs
+read XLA's memory prediction per device (`compile.compile_programs`, as `g2rpo compile`), then runs
 warm-up and timed steps with random prompts, traces and rewards, and writes one JSON object: step
 seconds (rollout, update), generated tokens/s, MFU from the FLOPs counted from the shapes against
 the device's published dense bf16 peak, and the device's peak memory against the prediction.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from g2rpo_jax.compile import CHIPS, compile_program, flops_from_shapes, step_programs  # noqa: E402
+from g2rpo_jax.compile import CHIPS, compile_programs, flops_from_shapes, step_programs  # noqa: E402
 from g2rpo_jax.config import load_config  # noqa: E402
 from g2rpo_jax.models import init_model  # noqa: E402
 from g2rpo_jax.policy import architecture_only  # noqa: E402
@@ -76,8 +76,7 @@ def run(args) -> dict:
     model_cfg, _, pad_id = architecture_only(cfg)
     placement = Placement.build(cfg.mesh)
     programs = step_programs(cfg, model_cfg, -1, pad_id, placement)  # EOS off: every row runs to the budget
-    predicted = {name: compile_program(fn, fargs, placement.mesh) for name, (fn, fargs) in programs.items()
-                 if name != "generate_eval"}
+    predicted = compile_programs({k: v for k, v in programs.items() if k != "generate_eval"}, placement.mesh, jobs=1)
     graphdef, params = init_model(model_cfg, 0)
     optimizer, schedule = build_optimizer(cfg)
     state = init_train_state(cfg, params, optimizer, cfg.data.num_train)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -182,13 +183,20 @@ def decode_bytes(cfg: Config, model_cfg, num_params: int, mesh: dict) -> dict:
             "generate_eval": e.max_new_tokens * (wbytes + eval_rows * eval_seq * kv_token / eval_share)}
 
 
-def compile_program(fn, args, mesh) -> dict:
-    """XLA's memory and cost of one program compiled for the mesh's devices; on RESOURCE_EXHAUSTED,
-    `fits: False` with the sizes the error names."""
+def lower_program(fn, args, mesh):
+    """(the traced program, seconds): tracing runs on the calling thread, under the mesh."""
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        lowered = fn.lower(*args)
+    return lowered, time.perf_counter() - t0
+
+
+def compile_lowered(lowered, lower_seconds: float = 0.0) -> dict:
+    """XLA's memory and cost of one lowered program; on RESOURCE_EXHAUSTED, `fits: False` with the
+    sizes the error names. `compile_seconds` counts the tracing too."""
     t0 = time.perf_counter()
     try:
-        with jax.set_mesh(mesh):
-            compiled = fn.lower(*args).compile()
+        compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA raises a plain runtime error
         text = str(e)
         if not _OOM.search(text):
@@ -197,8 +205,8 @@ def compile_program(fn, args, mesh) -> dict:
         unit = {"K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}
         required = int(float(sizes.group(1)) * unit[sizes.group(2)]) if sizes else None
         return {"compiled": False, "fits": False, "peak_bytes": required, "compile_seconds":
-                round(time.perf_counter() - t0, 1), "error": text.strip().splitlines()[0][:400]}
-    seconds = time.perf_counter() - t0
+                round(lower_seconds + time.perf_counter() - t0, 1), "error": text.strip().splitlines()[0][:400]}
+    seconds = lower_seconds + time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -211,6 +219,25 @@ def compile_program(fn, args, mesh) -> dict:
                compile_seconds=round(seconds, 1),
                pallas_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'))  # Mosaic kernels
     return out
+
+
+def compile_programs(programs: dict, mesh, jobs: int) -> dict:
+    """name -> compile result. The programs are traced one after another, then XLA compiles up to
+    `jobs` of them at once (each compile is mostly one thread, and it releases the GIL)."""
+    lowered = {name: lower_program(fn, args, mesh) for name, (fn, args) in programs.items()}
+    if jobs <= 1 or len(lowered) == 1:
+        return {name: compile_lowered(*lw) for name, lw in lowered.items()}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {name: pool.submit(compile_lowered, *lw) for name, lw in lowered.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def default_jobs() -> int:
+    """The cores this process may use (its CPU affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def headroom_fix(name: str, result: dict, plan_parts: dict, mesh: dict, cfg: Config) -> str:
@@ -253,9 +280,9 @@ def headroom_fix(name: str, result: dict, plan_parts: dict, mesh: dict, cfg: Con
 PROGRAMS = ("rollout", "update", "generate_eval")
 
 
-def compile_report(cfg: Config, topology: str, only: tuple[str, ...] = PROGRAMS) -> dict:
-    """Compile the step programs of `cfg` (`only` those named) for `topology`; the report
-    `g2rpo compile` prints."""
+def compile_report(cfg: Config, topology: str, only: tuple[str, ...] = PROGRAMS, jobs: int = 1) -> dict:
+    """Compile the step programs of `cfg` (`only` those named, up to `jobs` at once) for `topology`;
+    the report `g2rpo compile` prints."""
     topo = tpu_topology(topology)
     devices = list(topo.devices)
     chip = chip_of(devices)
@@ -267,21 +294,19 @@ def compile_report(cfg: Config, topology: str, only: tuple[str, ...] = PROGRAMS)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(programs["generate_eval"][1][0]))
     mesh = {a: int(n) for a, n in placement.mesh.shape.items()}
     flops, min_bytes = flops_from_shapes(cfg, model_cfg), decode_bytes(cfg, model_cfg, num_params, mesh)
-    functions = {}
-    for name, (fn, args) in programs.items():
-        if name not in only:
-            continue
-        result = compile_program(fn, args, placement.mesh)
+    t0 = time.perf_counter()
+    functions = compile_programs({k: v for k, v in programs.items() if k in only}, placement.mesh, jobs)
+    wall = round(time.perf_counter() - t0, 1)
+    for name, result in functions.items():
         result["flops_from_shapes"] = flops[name]
         bound = max(flops[name] / len(devices) / chip.bf16_flops, min_bytes[name] / chip.hbm_bandwidth)
         result["roofline_seconds_lower_bound"] = round(bound, 4)
-        functions[name] = result
     peaks = [f["peak_bytes"] for f in functions.values() if f["peak_bytes"] is not None]
     peak = max(peaks) if peaks else None
     fits = all(f["compiled"] and f["peak_bytes"] <= chip.hbm_bytes for f in functions.values())
     plan = memory_plan(cfg, model_cfg, len(devices), chip.hbm_bytes)
     return {"topology": topology, "chip": chip.name, "num_chips": len(devices), "hbm_bytes_per_chip": chip.hbm_bytes,
-            "mesh": mesh, "num_params": num_params,
+            "mesh": mesh, "num_params": num_params, "compile_jobs": jobs, "compile_wall_seconds": wall,
             "functions": functions, "peak_bytes": peak, "fits": fits, "plan_peak_bytes": plan.peak,
             "plan_parts": plan.parts,
             "jax": jax.__version__, "date": datetime.date.today().isoformat()}
@@ -333,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="write the report as JSON to this file")
     parser.add_argument("--programs", default=",".join(PROGRAMS),
                         help=f"comma-separated programs to compile (default all: {','.join(PROGRAMS)})")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="programs XLA compiles at once (default: the cores this process may use); each "
+                             "compile takes a few GB of host memory")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
     return parser
 
@@ -348,7 +376,9 @@ def main(argv=None) -> int:
         if unknown or not only:
             raise ConfigError(f"--programs {args.programs!r}: choose from {', '.join(PROGRAMS)}")
         cfg = load_config(args.config, args.overrides)
-        report = compile_report(cfg, args.topology, only)
+        if args.jobs is not None and args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs}: give at least 1")
+        report = compile_report(cfg, args.topology, only, args.jobs or min(default_jobs(), len(only)))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

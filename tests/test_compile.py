@@ -109,6 +109,25 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     # 3 prompts x 8 rollouts = 24 rows do not split over the 16 chips of a v5e:4x4 data mesh
     assert aot.main(["--config", "configs/default.yaml", "--topology", "v5e:4x4", "rollout.prompts_per_step=3"]) == 2
     assert "does not split" in capsys.readouterr().err
+    assert aot.main(["--config", "configs/default.yaml", "--topology", "v5e:2x2", "--jobs", "0", "--out", str(out)]) == 2
+    assert "--jobs 0" in capsys.readouterr().err and not out.exists()
+
+
+# The test session's persistent compilation cache (conftest) holds the fixture's TPU programs, which a
+# compile-only client cannot load back: jax warns and compiles again, which is what this test wants.
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+def test_programs_compiled_at_once_report_what_one_at_a_time_does(tiny_report, tmp_path):
+    """--jobs 1 (one compile after another) gives the same memory and cost per program as the
+    fixture's default (as many at once as this process has cores)."""
+    _, together = tiny_report
+    out = tmp_path / "one.json"
+    assert aot.main(["--config", "configs/default.yaml", "--topology", "v5e:2x2", "--out", str(out), *TINY,
+                     "--jobs", "1"]) == 0
+    alone = json.loads(out.read_text())
+    assert alone["compile_jobs"] == 1 and together["compile_jobs"] == min(aot.default_jobs(), 3)
+    keys = ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "peak_bytes", "flops", "bytes_accessed")
+    for name, f in alone["functions"].items():
+        assert {k: f[k] for k in keys} == {k: together["functions"][name][k] for k in keys}, name
 
 
 def test_architecture_only_directory_reads_like_the_checkpoint():

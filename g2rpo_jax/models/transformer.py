@@ -28,7 +28,7 @@ from flax import nnx
 from g2rpo_jax import sharding
 from g2rpo_jax.models.attention import causal_attention
 from g2rpo_jax.models.config import ModelConfig
-from g2rpo_jax.models.rope import cos_sin, rope_cos_sin  # noqa: F401  (rope_cos_sin: plain RoPE, tests)
+from g2rpo_jax.models.rope import cos_sin
 
 # Large finite negative for masked attention scores: a fully-masked row softmaxes to a
 # uniform distribution instead of NaN.
@@ -134,18 +134,6 @@ class Attention(nnx.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-        # A Python 0 (not a traced index) marks a prefill into a fresh cache: its queries attend
-        # only the keys computed here, so the kernel's self-attention applies.
-        fresh = cache is None or (isinstance(cache_index, int) and cache_index == 0)
-        if self.implementation == "splash" and fresh:
-            if cache is not None:
-                zero = jnp.zeros((), jnp.int32)
-                cache = LayerCache(*(sharding.constrain(
-                    jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (zero, zero, zero, zero)),
-                    sharding.KV_CACHE_AXES) for c, new in ((cache.k, k), (cache.v, v))))
-            out = causal_attention(q, k, v, attention_mask[:, :T])
-            return self.o_proj(out.reshape(B, T, nh * hd)), cache
-
         if cache is not None:
             idx = jnp.asarray(cache_index, jnp.int32)
             zero = jnp.zeros((), jnp.int32)
@@ -159,6 +147,12 @@ class Attention(nnx.Module):
             new_cache = None
             keys, values = k, v
             q_slots = jnp.arange(T, dtype=jnp.int32)
+        # A Python 0 (not a traced index) marks a prefill into a fresh cache: its queries attend
+        # only the keys computed here, so the kernel's self-attention applies.
+        fresh = cache is None or (isinstance(cache_index, int) and cache_index == 0)
+        if self.implementation == "splash" and fresh:
+            out = causal_attention(q, k, v, attention_mask[:, :T])
+            return self.o_proj(out.reshape(B, T, nh * hd)), new_cache
         S = keys.shape[1]
         k_slots = jnp.arange(S, dtype=jnp.int32)
         allowed = (k_slots[None, :] <= q_slots[:, None])[None] & attention_mask[:, None, :S]  # [B,T,S]

@@ -284,12 +284,15 @@ def _python_install() -> tuple[str, list[str]]:
 
 def _hidden_homes() -> list[str]:
     homes = set(h for h in HIDDEN_HOMES if os.path.isdir(h))
+    # The trainer's home by the user database and by $HOME: they differ on clusters and CI machines
+    # (HOME=/scratch/...), and either may hold tokens and keys.
+    own = [os.environ.get("HOME", "")]
     try:
-        own = pwd.getpwuid(os.geteuid()).pw_dir
+        own.append(pwd.getpwuid(os.geteuid()).pw_dir)
     except KeyError:
-        own = os.environ.get("HOME", "")
-    if own and os.path.isdir(own) and os.path.realpath(own) not in ("/", "/tmp"):
-        homes.add(os.path.realpath(own))
+        pass
+    homes.update(os.path.realpath(h) for h in own
+                 if h and os.path.isdir(h) and os.path.realpath(h) not in ("/", "/tmp"))
     # A home inside another hidden one is covered already (and would no longer exist to mount on).
     return sorted(h for h in homes if not any(h != o and h.startswith(o.rstrip("/") + "/") for o in homes))
 

@@ -112,12 +112,15 @@ def frequencies(cfg) -> tuple[np.ndarray, float]:
     return inv.astype(np.float32), scale
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float):
-    """Plain RoPE: cos/sin tables ``[B, T, head_dim]`` (float32) for integer ``positions [B, T]``."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def _tables(positions, inv_freq):
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float):
+    """Plain RoPE: cos/sin tables ``[B, T, head_dim]`` (float32) for integer ``positions [B, T]``."""
+    return _tables(positions, 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)))
 
 
 def cos_sin(positions, cfg):
@@ -127,7 +130,7 @@ def cos_sin(positions, cfg):
     dim = cfg.resolved_head_dim
     inv, scale = frequencies(cfg)
     inv = jnp.asarray(inv)
-    p = dict(cfg.rope_scaling or ())
+    p = dict(cfg.rope_scaling)
     if p.get("rope_type") == "dynamic":
         # dynamic NTK: past max_position_embeddings the base grows with the longest sequence in the
         # batch (its largest position + 1), recomputed at every forward as transformers does
@@ -136,6 +139,5 @@ def cos_sin(positions, cfg):
         factor = float(p["factor"])
         base = cfg.rope_theta * (factor * length / limit - (factor - 1.0)) ** (dim / (dim - 2))
         inv = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, hd/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+    cos, sin = _tables(positions, inv)
+    return cos * scale, sin * scale

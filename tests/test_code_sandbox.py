@@ -10,6 +10,7 @@ default) and off (the namespaces and the unprivileged uid alone must hold).
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -205,6 +206,14 @@ def test_plain_mode_still_limits_time_and_drops_privileges(monkeypatch):
     loop = run_program("while True:\n    pass\n", "", limits)
     assert ok.ok and ok.stdout == "0000000000000000 1 cba\n", ok
     assert loop.status == "timeout" and loop.elapsed_s < LIMIT_S + SLACK_S
+
+
+def test_cpu_limit_counts_as_a_timeout(monkeypatch):
+    """A busy loop ended by RLIMIT_CPU (SIGXCPU, here after 1 s of CPU, well before the 10 s wall
+    limit) is a timeout, not an error: the two limits race when cpu_s equals timeout_s."""
+    monkeypatch.setattr(sandbox, "isolation_mode", lambda: "plain")
+    loop = run_program("while True:\n    pass\n", "", SandboxLimits(timeout_s=10.0, cpu_s=1.0))
+    assert loop.status == "timeout" and loop.returncode == -signal.SIGXCPU and loop.elapsed_s < 5.0, loop
 
 
 def _can_emulate_user_mode() -> bool:

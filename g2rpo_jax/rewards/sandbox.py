@@ -454,6 +454,10 @@ def _collect(proc: subprocess.Popen, status_r: int, token: str, limits: SandboxL
     if status is not None:
         _kill_group(proc)
     rc = proc.poll()
+    if status is None and rc == -signal.SIGXCPU:
+        # the CPU limit (ceil of the wall limit by default) can end a busy loop just before the wall
+        # deadline is seen: a time limit either way
+        status = "timeout"
     finished = status is None and bufs[status_r].decode(errors="replace") == token
     out = bytes(bufs[proc.stdout.fileno()][:limits.output_bytes]).decode(errors="replace")
     err = bytes(bufs[proc.stderr.fileno()]).decode(errors="replace")

@@ -13,16 +13,17 @@ nothing. L is shown as `-` for a run that guided no row (vanilla GRPO).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from g2rpo_jax.metrics import read_metrics
 
 EARLY = (("kl", "KL", ".2f"), ("grad_norm", "grad norm", ".1f"), ("reward/unguided", "unguided reward", ".2f"),
          ("guidance/length", "L", ".1f"), ("entropy", "entropy", ".3f"))
 
 
 def read_run(run_dir: Path, early: int) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     train = [r for r in rows if "loss" in r]
     if not evals:

@@ -105,6 +105,9 @@ class RewardConfig:
     controller_signal: str = "accuracy"
     timeout_s: float = 10.0  # per completion, math rewards (process pool): past it the reward is 0
     num_workers: int = 0  # scoring processes for the math rewards; 0 = min(4, CPU count)
+    # math_accuracy when math-verify cannot parse the gold answer: 1.0 as the reference (open-r1)
+    # gives in training; evaluation always scores it 0
+    unparseable_gold_reward: float = 1.0
     # The "code" reward (g2rpo_jax/rewards/code.py): limits of each sandboxed run of a program
     code_timeout_s: float = 4.0  # wall clock per run (one run per test case)
     code_memory_mb: int = 1024  # address-space limit of a run

@@ -127,7 +127,7 @@ def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, 
     idx = np.arange(n)
     signal = cfg.reward.controller_signal
     with ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s) as pool:  # workers start on first use
-        reward_fn = configured_rewards([signal], cfg.reward, pool)[signal]
+        reward_fn = configured_rewards([signal], cfg.reward, pool, evaluation=True)[signal]
         greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True)
         texts = sample_texts(graphdef, params, tok, test, idx, greedy, seed)
         rewards = reward_fn(texts, [test.answers[i] for i in idx])

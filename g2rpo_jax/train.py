@@ -136,7 +136,7 @@ def make_evaluator(generate_fn, tokenizer, test: TokenizedDataset, cfg: Config, 
     the guidance controller (``reward.controller_signal``)."""
     n, bs = min(cfg.eval.num_problems, len(test.answers)), eval_batch_rows(cfg, len(test.answers))
     signal = cfg.reward.controller_signal
-    reward_fn = configured_rewards([signal], cfg.reward, pool)[signal]
+    reward_fn = configured_rewards([signal], cfg.reward, pool, evaluation=True)[signal]
 
     def evaluate(params) -> dict:
         correct = []

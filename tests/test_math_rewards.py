@@ -112,3 +112,20 @@ def test_pool_timeouts_and_errors_give_the_default():
 def test_lengths_must_match():
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
         math_accuracy_reward(["a", "b"], ["1"])
+
+
+def test_unparseable_gold_scores_one_in_training_and_zero_in_evaluation():
+    """The reference (open-r1) gives 1.0 when math-verify cannot parse the gold answer; evaluation
+    must never count such a problem as solved."""
+    from g2rpo_jax.config import load_config
+    from g2rpo_jax.rewards import configured_rewards
+
+    completions, golds = ["\\boxed{3}", "\\boxed{3}"], ["", "3"]
+    cfg = load_config(None, ["reward.reward_funcs=[math_accuracy]", "reward.controller_signal=math_accuracy"])
+    with ScoringPool(num_workers=1, timeout_s=10.0) as pool:
+        train_fn = configured_rewards(["math_accuracy"], cfg.reward, pool)["math_accuracy"]
+        eval_fn = configured_rewards(["math_accuracy"], cfg.reward, pool, evaluation=True)["math_accuracy"]
+        assert train_fn(completions, golds) == [1.0, 1.0]
+        assert eval_fn(completions, golds) == [0.0, 1.0]
+        off = load_config(None, ["reward.unparseable_gold_reward=0.0"])
+        assert configured_rewards(["math_accuracy"], off.reward, pool)["math_accuracy"](completions, golds) == [0.0, 1.0]

@@ -37,21 +37,25 @@ def get_reward_funcs(names: Sequence[str]) -> list[RewardFn]:
     return [REWARD_FUNCS[n] for n in names]
 
 
-def reward_settings(name: str, reward_cfg: Any, pool: ScoringPool | None = None) -> dict:
+def reward_settings(name: str, reward_cfg: Any, pool: ScoringPool | None = None, evaluation: bool = False) -> dict:
     """Keyword arguments of reward ``name`` from the config's ``reward`` section: the math rewards'
-    scoring pool, the code reward's sandbox limits."""
+    scoring pool, the code reward's sandbox limits. ``evaluation``: an unparseable gold answer
+    scores 0 (a problem nobody can check is not solved), whatever training gives it."""
     if name == "code":
         return {"limits": SandboxLimits(timeout_s=reward_cfg.code_timeout_s, memory_mb=reward_cfg.code_memory_mb),
                 "fallback_to_completion": reward_cfg.code_fallback_to_completion,
                 "max_workers": reward_cfg.code_workers or None}
+    if name == "math_accuracy":
+        return {"pool": pool, "unparseable_gold": 0.0 if evaluation else reward_cfg.unparseable_gold_reward}
     return {"pool": pool}
 
 
-def configured_rewards(names: Sequence[str], reward_cfg: Any, pool: ScoringPool | None = None) -> dict[str, RewardFn]:
+def configured_rewards(names: Sequence[str], reward_cfg: Any, pool: ScoringPool | None = None,
+                       evaluation: bool = False) -> dict[str, RewardFn]:
     """``{name: fn(completions, answers)}``: the reward functions named in ``names`` with their settings
     from ``reward_cfg`` (a config's ``reward`` section) bound; the one place training and evaluation get
     reward callables from."""
-    return {name: functools.partial(fn, **reward_settings(name, reward_cfg, pool))
+    return {name: functools.partial(fn, **reward_settings(name, reward_cfg, pool, evaluation))
             for name, fn in zip(names, get_reward_funcs(names))}
 
 

@@ -100,14 +100,15 @@ def parse_prediction(completion: str) -> list:
     return _parse_free(numbers[-1].replace(",", "")) if numbers else []
 
 
-def math_accuracy_one(completion: str, answer: str) -> float:
-    """1.0 iff the completion's prediction equals the gold ``answer`` by math-verify, else 0.0.
+def math_accuracy_one(completion: str, answer: str, unparseable_gold: float = 0.0) -> float:
+    """1.0 iff the completion's prediction equals the gold ``answer`` by math-verify, else 0.0;
+    ``unparseable_gold`` when the gold answer itself cannot be parsed.
     Runs inside a pool worker (math-verify's own signal-based timeouts work in a worker's main thread)."""
     from math_verify import verify
 
     gold = parse_gold(str(answer))
     if not gold:
-        return 0.0
+        return float(unparseable_gold)
     pred = parse_prediction(completion)
     return float(bool(pred) and verify(gold, pred))
 
@@ -123,12 +124,16 @@ def _check_lengths(completions: Sequence, answers: Sequence) -> None:
 
 
 def math_accuracy_reward(completions: list[str], answers: list[str], *, pool: ScoringPool | None = None,
-                         **kwargs) -> list[float]:
+                         unparseable_gold: float = 1.0, **kwargs) -> list[float]:
     """Math-verify accuracy (0/1) per completion, scored in ``pool`` (default: a shared pool of
-    `default_pool`); a completion that times out scores 0."""
+    `default_pool`); a completion that times out scores 0.
+
+    A gold answer math-verify cannot parse scores ``unparseable_gold`` for every completion: 1.0 as
+    the reference (open-r1) does in training, so such a group has no advantage and the controller
+    does not read it as a failure; evaluation passes 0.0, so it never counts as solved."""
     _check_lengths(completions, answers)
     pool = pool if pool is not None else default_pool()
-    items = list(zip(completions, map(str, answers)))
+    items = [(c, a, float(unparseable_gold)) for c, a in zip(completions, map(str, answers))]
     return [float(r) for r in pool.map(math_accuracy_one, items, default=0.0, warm_up=(f"{__name__}:warm_up",))]
 
 

@@ -41,6 +41,7 @@ from g2rpo_jax.models.hf import abstract_model
 from g2rpo_jax.plan import format_bytes, memory_plan
 from g2rpo_jax.policy import architecture_only
 from g2rpo_jax.sharding import Placement, check_batch, tree_shardings
+from g2rpo_jax.stop_strings import stop_tables
 from g2rpo_jax.train_step import (BATCH_KEYS, build_optimizer, build_step_fns, eval_batch_rows, eval_rows_sharding,
                                   init_train_state)
 
@@ -114,8 +115,12 @@ def step_programs(cfg: Config, model_cfg, eos_id: int, pad_id: int, placement: P
     r, d = cfg.rollout, cfg.data
     rows = r.prompts_per_step * r.num_generations
     eval_rows = eval_batch_rows(cfg)
+    # Stop strings without a tokenizer: a stand-in vocabulary (id i reads as its digits) gives tables
+    # of the real shapes, so the program matches the trainer's up to constants.
+    stop = (stop_tables([str(i).encode() for i in range(model_cfg.vocab_size)], r.stop_strings)
+            if r.stop_strings else None)
     fns = build_step_fns(cfg, graphdef, optimizer, schedule, eos_id=eos_id, pad_id=pad_id, eval_rows=eval_rows,
-                         placement=placement, state_shardings=state_shardings)
+                         placement=placement, state_shardings=state_shardings, stop=stop)
     b, rep = placement.batch, placement.replicated
 
     def arr(shape, dtype, sharding=b):

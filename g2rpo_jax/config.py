@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -87,6 +87,9 @@ class RolloutConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
+    # A row stops at the token that completes one of these in its generated text (vLLM's `stop`, as the
+    # reference generates; the token stays in the completion). Rollouts and evaluation.
+    stop_strings: list[str] = dataclasses.field(default_factory=list)
     # DAPO dynamic sampling (SPEC section 6): draw more prompt batches until every group of the
     # update has a reward spread, at most max_num_gen_batches batches per step (g2rpo_jax/dynamic_sampling.py)
     dynamic_sampling: bool = False
@@ -127,6 +130,10 @@ class LossConfig:
     kl_estimator: Literal["k1", "k3", "low_var"] = "k3"
     guidance_loss: Literal["train", "mask", "importance"] = "train"
     importance_gamma: float = 0.1
+    # The temperature policy, old and reference log-probs are scored at: "rollout" divides the logits
+    # by rollout.temperature (the distribution sampled from; TRL >= 0.16); 1.0 scores the raw logits
+    # as the reference's TRL 0.15.2 fork does (the paper recipes set it).
+    logprob_temperature: Union[Literal["rollout"], float] = "rollout"
 
 
 @dataclasses.dataclass
@@ -372,6 +379,8 @@ def validate(cfg: Config) -> None:
     check(k >= 1 and rows % k == 0, f"optim.gradient_accumulation_steps must divide the {rows} rows of a step "
           f"(rollout.prompts_per_step * rollout.num_generations), got {k}")
     check(cfg.loss.beta >= 0, "loss.beta must be >= 0")
+    check(cfg.loss.logprob_temperature == "rollout" or cfg.loss.logprob_temperature > 0,
+          "loss.logprob_temperature must be 'rollout' or a number > 0")
     check(d.num_test >= 1, "data.num_test must be >= 1 (held-out problems for evaluation)")
     check(d.source != "embedded" or not d.test_dataset_name, "data.test_dataset_name needs a data.source other "
           "than embedded")

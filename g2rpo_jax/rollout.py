@@ -7,20 +7,20 @@ the sampler for the same shapes (SPEC §3).
 
 Row layout of every ``[B, C + N]`` array::
 
-    [pad ... | prompt | guidance prefix | generated continuation (incl. first EOS) | pad ...]
+    [pad ... | prompt | guidance prefix | generated continuation (incl. first EOS / stop string) | pad ...]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from g2rpo_jax import sharding
+from g2rpo_jax import sharding, stop_strings
 from g2rpo_jax.models.transformer import forward, get_config, init_cache, lm_head_logits
 
 _NEG = -1e30
@@ -33,6 +33,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     greedy: bool = False
+    # a row also stops at the token that completes one of these (generated text only; stop_strings.py)
+    stop: Optional[stop_strings.StopStrings] = None
 
     def __post_init__(self):
         if int(self.max_new_tokens) < 1:
@@ -209,7 +211,9 @@ def generate_jit(graphdef, params, prompt_ids, prompt_mask, guide_ids, guide_len
         last_hidden, cache = prefill(graphdef, params, ctx_ids, ctx_pos, ctx_mask, S)
     last_logits = lm_head_logits(graphdef, params, last_hidden)
 
-    def emit(t, logits, tokens, attn, done, num_gen):
+    stop = sampling.stop
+
+    def emit(t, logits, tokens, attn, done, num_gen, seen):
         tok = sample_token(logits, jax.random.fold_in(rng, t), sampling)
         live = ~done
         tok = jnp.where(live, tok, pad_id)
@@ -217,29 +221,34 @@ def generate_jit(graphdef, params, prompt_ids, prompt_mask, guide_ids, guide_len
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (jnp.int32(0), slot))
         attn = jax.lax.dynamic_update_slice(attn, live[:, None], (jnp.int32(0), slot))
         num_gen = num_gen + live.astype(jnp.int32)
-        done = done | (live & _is_eos(tok, eos_id))
-        return tokens, attn, done, num_gen
+        ends = _is_eos(tok, eos_id)
+        if stop is not None:
+            seen, hit = stop_strings.advance(seen, tok, stop)
+            ends = ends | hit
+        done = done | (live & ends)
+        return tokens, attn, done, num_gen, seen
 
     done0 = jnp.zeros((B,), bool)
     ng0 = jnp.zeros((B,), jnp.int32)
-    tokens, attn, done, num_gen = emit(jnp.int32(0), last_logits, tokens, attn, done0, ng0)
+    seen0 = stop_strings.init_carry(B, stop) if stop is not None else jnp.zeros((B, 0), jnp.uint8)
+    tokens, attn, done, num_gen, seen = emit(jnp.int32(0), last_logits, tokens, attn, done0, ng0, seen0)
 
     def cond(carry):
-        t, _, _, _, done, _ = carry
+        t, _, _, _, done, _, _ = carry
         return (t < N) & ~jnp.all(done)
 
     def body(carry):
-        t, cache, tokens, attn, done, num_gen = carry
+        t, cache, tokens, attn, done, num_gen, seen = carry
         prev_slot = C + t - 1
         prev_tok = jax.lax.dynamic_slice(tokens, (jnp.int32(0), prev_slot), (B, 1))
         prev_pos = (ctx_len + t - 1)[:, None]
         logits, cache = forward(graphdef, params, prev_tok, prev_pos, attn, cache=cache,
                                 cache_index=prev_slot)
-        tokens, attn, done, num_gen = emit(t, logits[:, -1], tokens, attn, done, num_gen)
-        return t + 1, cache, tokens, attn, done, num_gen
+        tokens, attn, done, num_gen, seen = emit(t, logits[:, -1], tokens, attn, done, num_gen, seen)
+        return t + 1, cache, tokens, attn, done, num_gen, seen
 
-    carry = (jnp.int32(1), cache, tokens, attn, done, num_gen)
-    _, _, tokens, attn, done, num_gen = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), cache, tokens, attn, done, num_gen, seen)
+    _, _, tokens, attn, done, num_gen, _ = jax.lax.while_loop(cond, body, carry)
 
     gen_steps = jnp.arange(N, dtype=jnp.int32)
     gen_mask = attn[:, C:]

@@ -39,6 +39,7 @@ from g2rpo_jax.sharding import (Placement, abstract_like, check_batch, gather_ho
                                 maybe_initialize_distributed, process_rows, shard_state, sync_processes, to_host,
                                 tree_shardings)
 from g2rpo_jax.dynamic_sampling import choose_groups, enough_groups, group_rows, groups_with_spread, take_rows
+from g2rpo_jax.stop_strings import stop_strings_for
 from g2rpo_jax.train_step import (BATCH_KEYS, TrainState, build_optimizer, build_step_fns, eval_batch_rows,
                                   init_train_state, resolved_guidance)
 from g2rpo_jax.warm_start import warm_start
@@ -314,6 +315,10 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     task = load_task(cfg)
     tok = task.tokenizer
     model_cfg = resolve_model_config(cfg, tok)
+    try:
+        stop = stop_strings_for(tok, cfg.rollout.stop_strings, model_cfg.vocab_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     graphdef, params = init_policy(cfg, model_cfg)
     log.info("model %s%s: %.2fM params; %d train / %d held-out problems (%s)", model_cfg.model_type,
              f" from {cfg.model.model_name_or_path}" if cfg.model.model_name_or_path else "",
@@ -387,7 +392,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     state = shard_state(state, state_shardings)
     fns = build_step_fns(cfg, graphdef, optimizer, schedule, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                          eval_rows=eval_batch_rows(cfg, len(task.test.answers)), placement=placement,
-                         state_shardings=state_shardings)
+                         state_shardings=state_shardings,
+                         stop=stop)
     pool = ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)  # workers start on first use
     evaluate = make_evaluator(fns.generate_eval, tok, task.test, cfg, pool)
     reward_names = cfg.reward.reward_funcs

@@ -26,6 +26,7 @@ from g2rpo_jax.loss import (effective_mask, group_advantages, head_log_probs, lo
 from g2rpo_jax.models import forward, lm_head_weight
 from g2rpo_jax.rollout import Rollout, SamplingParams, generate, generate_jit
 from g2rpo_jax.sharding import Placement, batch_divisor, jit_on_mesh, shard_state
+from g2rpo_jax.stop_strings import StopStrings
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -169,8 +170,8 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
                    scan_layers: bool = False, placement: Placement | None = None, state_shardings=None):
     """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit.
 
-    Policy, old and reference log-probs are all taken at `logprob_temperature` (the rollout's
-    sampling temperature in train.py, as TRL's GRPOTrainer does).
+    Policy, old and reference log-probs are all taken at `logprob_temperature` (the config's
+    `loss.logprob_temperature`: the rollout's sampling temperature, or 1.0 as the reference).
     `gradient_accumulation_steps` k: the rows go through the model k micro-batches at a time (a
     `lax.scan`), gradients summed, one optimizer step; loss, gradients and metrics equal the whole
     batch's (bnpo: the mean of per-micro-batch token means, as TRL). `gradient_checkpointing`:
@@ -298,6 +299,12 @@ def loss_settings(cfg: Config) -> dict:
                 kl_estimator=lc.kl_estimator, guidance_loss=lc.guidance_loss, importance_gamma=lc.importance_gamma)
 
 
+def logprob_temperature(cfg: Config) -> float:
+    """The temperature log-probs are scored at (`loss.logprob_temperature`)."""
+    t = cfg.loss.logprob_temperature
+    return float(cfg.rollout.temperature if t == "rollout" else t)
+
+
 def eval_batch_rows(cfg: Config, num_test: int | None = None) -> int:
     """Rows per evaluation generate: eval.batch_size, or fewer when there are fewer problems
     (`num_test`: the held-out split's size, when known)."""
@@ -345,15 +352,16 @@ class StepFns:
 
 def build_step_fns(cfg: Config, graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                    eos_id, pad_id: int, eval_rows: int, placement: Placement | None = None,
-                   state_shardings=None) -> StepFns:
+                   state_shardings=None, stop: StopStrings | None = None) -> StepFns:
     """Every jitted program of a run, from the config: the rollout (sampling at
     `rollout.temperature`, guided prefixes from the guidance state), the update (loss section,
     accumulation, rematerialisation, `num_iterations`, the controller update) and the greedy
     evaluation generate of `eval_rows` rows. With a `placement`: sharded as `state_shardings`
-    and the mesh's batch axes, the state donated."""
+    and the mesh's batch axes, the state donated. ``stop``: `rollout.stop_strings` for the
+    tokenizer (`stop_strings.stop_strings_for`); rollouts and evaluation both stop at them."""
     r, lc = cfg.rollout, cfg.loss
     sampling = SamplingParams(max_new_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k)
+                              top_k=r.top_k, stop=stop)
     guidance_cfg = resolved_guidance(cfg)
     rollout = make_rollout_fn(graphdef, sampling, eos_id=eos_id, pad_id=pad_id, num_generations=r.num_generations,
                               per_prompt=guidance_cfg.per_prompt, micro_batches=r.generation_micro_batches,
@@ -362,12 +370,12 @@ def build_step_fns(cfg: Config, graphdef, optimizer: optax.GradientTransformatio
                             num_generations=r.num_generations, num_iterations=lc.num_iterations,
                             scale_rewards=lc.scale_rewards, guidance_cfg=guidance_cfg,
                             max_completion_length=cfg.data.max_guidance_length + r.max_completion_length,
-                            logprob_temperature=r.temperature,
+                            logprob_temperature=logprob_temperature(cfg),
                             gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
                             gradient_checkpointing=cfg.optim.gradient_checkpointing,
                             scan_layers=cfg.model.scan_layers, placement=placement, state_shardings=state_shardings)
     record = make_record_fn(r.num_generations, None if state_shardings is None else state_shardings.guidance)
-    greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True)
+    greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True, stop=stop)
     generate_eval = make_generate_fn(graphdef, greedy, eos_id=eos_id, pad_id=pad_id, rows=eval_rows,
                                      placement=placement,
                                      param_shardings=None if state_shardings is None else state_shardings.params)

@@ -24,7 +24,8 @@ pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.
 # are the arrays' own sizes and can be checked against them.
 TINY = ["model.hidden_size=512", "model.intermediate_size=1024", "model.num_hidden_layers=1", "rollout.prompts_per_step=2",
         "rollout.num_generations=4", "rollout.max_completion_length=16", "eval.batch_size=8", "eval.num_problems=8",
-        "eval.max_new_tokens=16", "data.num_train=64", "data.num_test=8"]
+        "eval.max_new_tokens=16", "data.num_train=64", "data.num_test=8",
+        'rollout.stop_strings=["=4;"]']  # the stop-string check lowers for TPU too
 
 
 @pytest.fixture(scope="module")

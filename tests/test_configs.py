@@ -169,6 +169,8 @@ def test_paper_math_recipes_load_and_follow_spec_section_8(name, hub_id):
     assert (d.source, d.dataset_name, d.order) == ("hf", "G2RPO-A/Math-Curriculum-1K", "sequential")
     assert (d.prompt_column, d.answer_column, d.guidance_column) == ("problem", "solution", "generations")
     assert (r.num_generations, r.prompts_per_step, r.temperature) == (10, 28, 0.7)
+    assert r.stop_strings == ["</answer>"]  # the reference's vLLM stop
+    assert cfg.loss.logprob_temperature == 1.0  # the reference's TRL 0.15.2 fork scores the raw logits
     assert (d.max_prompt_length, r.max_completion_length) == (512, 4096)  # total context 4608
     assert cfg.optim.learning_rate == 1e-5 and cfg.optim.lr_scheduler_type == "cosine_with_min_lr"
     assert (w.reward_funcs, w.reward_weights, w.controller_signal) == (["math_accuracy", "think_format"], [1.0, 0.1],
@@ -185,7 +187,7 @@ def test_paper_math_recipes_load_and_follow_spec_section_8(name, hub_id):
 SHAPE_KEYS = ("data.max_prompt_length", "data.max_guidance_length", "rollout.max_completion_length",
               "rollout.num_generations", "rollout.prompts_per_step", "rollout.generation_micro_batches",
               "optim.gradient_accumulation_steps", "optim.gradient_checkpointing", "model.scan_layers",
-              "model.attn_implementation",
+              "model.attn_implementation", "rollout.stop_strings",
               "model.dtype", "model.param_dtype", "eval.batch_size", "eval.max_new_tokens", "loss.beta",
               "loss.num_iterations", "mesh.data", "mesh.fsdp", "mesh.tensor")
 
@@ -235,7 +237,7 @@ def test_smollm2_config_runs_one_step(tmp_runs):
         "data.num_train=6", "data.num_test=2", "data.max_prompt_length=192", "data.max_guidance_length=8",
         "data.truncate_guidance=true", "guidance.initial_length=8", "guidance.max_length=8",
         "rollout.prompts_per_step=1", "rollout.num_generations=2", "guidance.ratio=0.5", "rollout.max_completion_length=4",
-        "eval.num_problems=1", "eval.batch_size=1", "eval.max_new_tokens=4"])
+        "eval.num_problems=1", "eval.batch_size=1", "eval.max_new_tokens=4", 'rollout.stop_strings=["</answer>"]'])
     assert round(cfg.guidance.ratio * cfg.rollout.num_generations) == 1  # one guided rollout per group
     result = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

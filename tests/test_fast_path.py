@@ -229,3 +229,25 @@ def test_bnpo_accumulation_averages_micro_batch_token_means():
              for r in (np.array([0, 2]), np.array([1, 3]))]
     np.testing.assert_allclose(m["loss"], (parts[0] + parts[1]) / 2, rtol=1e-5, atol=1e-7)
     assert abs(float(parts[0] - parts[1])) > 1e-4  # the micro-batches differ, so the test can tell
+
+
+@pytest.mark.parametrize("setting,expected", [("rollout", 0.7), ("1.0", 1.0), ("0.5", 0.5)])
+def test_logprob_temperature_switch_reaches_the_update(setting, expected, monkeypatch):
+    """loss.logprob_temperature: "rollout" scores at the sampling temperature (TRL >= 0.16), 1.0 at the
+    raw logits (the reference's TRL 0.15.2 fork); the value is what the update is built with."""
+    from g2rpo_jax import train_step
+    from g2rpo_jax.config import ConfigError, load_config
+
+    cfg = load_config(None, ["rollout.temperature=0.7", f"loss.logprob_temperature={setting}"])
+    seen = {}
+    real = train_step.make_update_fn
+    monkeypatch.setattr(train_step, "make_update_fn",
+                        lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    g, _ = init_model(CFG, 0)
+    optimizer, schedule = train_step.build_optimizer(cfg)
+    train_step.build_step_fns(cfg, g, optimizer, schedule, eos_id=2, pad_id=0, eval_rows=2)
+    assert seen["logprob_temperature"] == expected
+    with pytest.raises(ConfigError, match="logprob_temperature"):
+        load_config(None, ["loss.logprob_temperature=0"])
+    with pytest.raises(ConfigError, match="logprob_temperature"):
+        load_config(None, ["loss.logprob_temperature=hot"])

@@ -34,6 +34,7 @@ from g2rpo_jax.rewards import ScoringPool, configured_rewards
 from g2rpo_jax.rewards.embedded import extract_final_answer
 from g2rpo_jax.rewards.math import extract_boxed
 from g2rpo_jax.rollout import SamplingParams, complete_prompts
+from g2rpo_jax.stop_strings import stop_strings_for
 from g2rpo_jax.train import load_task, resolve_model_config, setup_logging
 
 
@@ -110,6 +111,17 @@ def load_policy(src: Source, like) -> tuple[Path, object]:
     return load_newest_params(src.checkpoints_dir, like)
 
 
+def eval_sampling(cfg, tok, vocab_size: int, num_samples: int) -> SamplingParams:
+    """How a run's evaluation generates: greedy for one sample, else at the rollout's temperature /
+    top-p / top-k; ``eval.max_new_tokens``; stopping at the run's ``rollout.stop_strings``."""
+    r = cfg.rollout
+    stop = stop_strings_for(tok, r.stop_strings, vocab_size)
+    if num_samples == 1:
+        return SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True, stop=stop)
+    return SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                          top_k=r.top_k, stop=stop)
+
+
 def sample_texts(graphdef, params, tok, test, idx, sampling, seed: int) -> list[str]:
     return complete_prompts(graphdef, params, tok, test.prompt_ids[idx], test.prompt_mask[idx],
                             jax.random.PRNGKey(seed), sampling=sampling)
@@ -121,15 +133,15 @@ def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, 
     cfg = run_config(src)
     task = load_task(cfg)
     tok, test = task.tokenizer, task.test
-    graphdef, like = init_model(resolve_model_config(cfg, tok), 0)
+    model_cfg = resolve_model_config(cfg, tok)
+    graphdef, like = init_model(model_cfg, 0)
     loaded_from, params = load_policy(src, like)
     n = min(cfg.eval.num_problems, len(test.answers))
     idx = np.arange(n)
     signal = cfg.reward.controller_signal
     with ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s) as pool:  # workers start on first use
         reward_fn = configured_rewards([signal], cfg.reward, pool, evaluation=True)[signal]
-        greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True)
-        texts = sample_texts(graphdef, params, tok, test, idx, greedy, seed)
+        texts = sample_texts(graphdef, params, tok, test, idx, eval_sampling(cfg, tok, model_cfg.vocab_size, 1), seed)
         rewards = reward_fn(texts, [test.answers[i] for i in idx])
         rows = [{"index": int(i), "question": test.examples[i].prompt, "answer": test.answers[i],
                  "difficulty": int(test.difficulty[i]), "greedy_completion": t, "greedy_reward": float(r)}
@@ -137,9 +149,7 @@ def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, 
         summary = {"checkpoint": str(loaded_from), "reward": signal, "num_problems": n,
                    "greedy_accuracy": float(np.mean([r["greedy_reward"] for r in rows]))}
         if num_samples > 1:
-            r = cfg.rollout
-            sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=r.temperature,
-                                      top_p=r.top_p, top_k=r.top_k)
+            sampling = eval_sampling(cfg, tok, model_cfg.vocab_size, num_samples)
             rep = np.repeat(idx, num_samples)
             sampled = sample_texts(graphdef, params, tok, test, rep, sampling, seed + 1)
             sampled_rewards = reward_fn(sampled, [test.answers[i] for i in rep])

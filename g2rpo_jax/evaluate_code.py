@@ -125,9 +125,9 @@ def generate_humaneval_samples(checkpoint: str, samples_path: Optional[str], num
     import jax
 
     from g2rpo_jax.data import Example, render_prompt, tokenize_examples
-    from g2rpo_jax.evaluate import find_run, load_policy, run_config
+    from g2rpo_jax.evaluate import eval_sampling, find_run, load_policy, run_config
     from g2rpo_jax.models import init_model
-    from g2rpo_jax.rollout import SamplingParams, complete_prompts
+    from g2rpo_jax.rollout import complete_prompts
     from g2rpo_jax.train import load_task, resolve_model_config
 
     problems = humaneval_problems()
@@ -135,15 +135,14 @@ def generate_humaneval_samples(checkpoint: str, samples_path: Optional[str], num
     src = find_run(checkpoint)
     cfg = run_config(src)
     tok = load_task(cfg).tokenizer
-    graphdef, like = init_model(resolve_model_config(cfg, tok), 0)
+    model_cfg = resolve_model_config(cfg, tok)
+    graphdef, like = init_model(model_cfg, 0)
     _, params = load_policy(src, like)
     examples = [Example(humaneval_question(problems[t]), humaneval_tests(problems[t]), "", 0) for t in task_ids]
+    # No system prompt: the code recipes' asks for a stdin/stdout program, HumanEval grades a function.
     longest = max(len(tok.encode(render_prompt(tok, ex.prompt))) for ex in examples)
     data = tokenize_examples(examples, tok, longest, 1)
-    r = cfg.rollout
-    sampling = (SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True) if num_samples == 1 else
-                SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                               top_k=r.top_k))
+    sampling = eval_sampling(cfg, tok, model_cfg.vocab_size, num_samples)
     rep = np.repeat(np.arange(len(task_ids)), num_samples)
     texts = complete_prompts(graphdef, params, tok, data.prompt_ids[rep], data.prompt_mask[rep],
                              jax.random.PRNGKey(seed), sampling=sampling)

@@ -190,3 +190,22 @@ def test_evaluate_a_step_checkpoint_and_a_run_without_final(tmp, full):
     assert summary["checkpoint"] == str(run / "checkpoints" / str(STEPS))
     assert summary["greedy_accuracy"] == pytest.approx(full["last"]["eval/accuracy"])
     assert "pass@2" in summary and "all" in summary["table"]
+
+
+def test_evaluation_stops_at_the_runs_stop_strings(tmp, full):
+    """A run configured with rollout.stop_strings is evaluated with them: each greedy completion is
+    the one without them, cut right after the first occurrence."""
+    import yaml
+
+    plain = evaluate_run(str(tmp / "full"), out=str(tmp / "plain.jsonl"))
+    texts = [json.loads(line)["greedy_completion"] for line in Path(plain["results"]).read_text().splitlines()]
+    stop = texts[0][1:4]  # three characters the model writes (a tiny run writes few distinct ones)
+    assert len(stop) == 3 and sum(stop in t for t in texts) >= 2 and any(len(t) > 4 for t in texts)
+    run = tmp / "stopped"
+    shutil.copytree(tmp / "full", run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["rollout"]["stop_strings"] = [stop]
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cut = evaluate_run(str(run), out=str(tmp / "cut.jsonl"))
+    got = [json.loads(line)["greedy_completion"] for line in Path(cut["results"]).read_text().splitlines()]
+    assert got == [t[:t.index(stop) + len(stop)] if stop in t else t for t in texts]

@@ -19,9 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import workload as wl  # noqa: E402
 
-from g2rpo_jax.loss import token_log_probs  # noqa: E402
+from g2rpo_jax.logprobs import sequence_log_probs, token_log_probs  # noqa: E402
 from g2rpo_jax.rollout import sample_token, SamplingParams  # noqa: E402
-from g2rpo_jax.train_step import sequence_log_probs  # noqa: E402
 
 
 def timed(fn, *args, repeats=3):

@@ -21,9 +21,8 @@ import optax
 from g2rpo_jax.config import Config
 from g2rpo_jax.guidance import (GuidanceConfig, GuidanceState, guide_lengths, init_guidance_state, record_outcomes,
                                 update_guidance)
-from g2rpo_jax.loss import (effective_mask, group_advantages, head_log_probs, loss_metrics, loss_parts, loss_sums,
-                            vocab_block)
-from g2rpo_jax.models import forward, lm_head_weight
+from g2rpo_jax.logprobs import sequence_log_probs
+from g2rpo_jax.loss import effective_mask, group_advantages, loss_metrics, loss_parts, loss_sums
 from g2rpo_jax.rollout import Rollout, SamplingParams, generate, generate_jit
 from g2rpo_jax.sharding import Placement, batch_divisor, jit_on_mesh, shard_state
 from g2rpo_jax.stop_strings import StopStrings
@@ -57,29 +56,6 @@ def make_optimizer(schedule: optax.Schedule, *, adam_beta1=0.9, adam_beta2=0.999
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm and max_grad_norm > 0 else []
     parts.append(optax.adamw(schedule, b1=adam_beta1, b2=adam_beta2, weight_decay=weight_decay))
     return optax.chain(*parts)
-
-
-def sequence_log_probs(graphdef, params, tokens, positions, attention_mask, window: int | None = None,
-                       temperature: float = 1.0, remat: bool = False, with_entropy: bool = False, scan: bool = False):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for the last ``window`` t (default every t): [B, window]
-    (with ``with_entropy``, also the entropy of each of those distributions, not differentiated).
-
-    p is softmax(logits / temperature): the distribution the rollout sampled from, as TRL scores it.
-    The decoder runs over all T-1 input positions, the LM head only over the window, vocabulary
-    block by vocabulary block (`head_log_probs`), so the [B, T, V] logits never exist.
-    """
-    hidden, _ = forward(graphdef, params, tokens[:, :-1], positions[:, :-1], attention_mask[:, :-1],
-                        return_hidden=True, remat=remat, scan=scan)
-    B, T, H = hidden.shape
-    window = T if window is None else min(int(window), T)
-    hidden = hidden[:, T - window:].reshape(B * window, H)
-    targets = tokens[:, T - window + 1:].reshape(B * window).astype(jnp.int32)
-    weight = lm_head_weight(graphdef, params)
-    # logits / T == (hidden / T) @ weight.T: the temperature costs one [N, H] scale, not a [N, V] one.
-    hidden = (hidden / temperature).astype(weight.dtype)
-    logp, entropy = head_log_probs(hidden, weight, targets, vocab_block(B * window, weight.shape[0]))
-    logp, entropy = logp.reshape(B, window), jax.lax.stop_gradient(entropy).reshape(B, window)
-    return (logp, entropy) if with_entropy else logp
 
 
 def group_micro_batches(tree, k: int, group_size: int):

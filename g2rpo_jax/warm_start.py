@@ -24,7 +24,7 @@ import optax
 from g2rpo_jax.checkpoint import load_params, save_params
 from g2rpo_jax.data.embedded import generate_problems
 from g2rpo_jax.data.pipeline import sft_arrays, tokenize_examples
-from g2rpo_jax.loss import token_log_probs
+from g2rpo_jax.logprobs import token_log_probs
 from g2rpo_jax.models import forward
 from g2rpo_jax.train_step import learning_rate_schedule, make_optimizer
 

@@ -14,10 +14,11 @@ import optax
 import pytest
 
 from g2rpo_jax.guidance import GuidanceConfig, init_guidance_state
-from g2rpo_jax.loss import group_advantages, head_log_probs, policy_loss, token_log_probs, vocab_block
+from g2rpo_jax.logprobs import head_log_probs, sequence_log_probs, token_log_probs, vocab_block
+from g2rpo_jax.loss import group_advantages, policy_loss
 from g2rpo_jax.models import ModelConfig, forward, init_model, lm_head_logits, lm_head_weight
 from g2rpo_jax.rollout import categorical_inverse_cdf
-from g2rpo_jax.train_step import TrainState, make_optimizer, make_update_fn, sequence_log_probs
+from g2rpo_jax.train_step import TrainState, make_optimizer, make_update_fn
 
 V = 50
 CFG = ModelConfig(model_type="qwen2", vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

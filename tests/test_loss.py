@@ -14,8 +14,8 @@ from g2rpo_jax.loss import (
     loss_parts,
     loss_sums,
     policy_loss,
-    token_log_probs,
 )
+from g2rpo_jax.logprobs import token_log_probs
 
 LOSS_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo"]
 

@@ -16,6 +16,7 @@ import yaml
 
 from g2rpo_jax.errors import ConfigError
 from g2rpo_jax.guidance import GuidanceConfig
+from g2rpo_jax.loss import KL_ESTIMATORS, LOSS_AGGREGATIONS, REWARD_SCALINGS
 from g2rpo_jax.models.config import ModelConfig
 
 
@@ -120,14 +121,14 @@ class RewardConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    loss_type: str = "grpo"  # a key of loss.LOSS_AGGREGATIONS: grpo, bnpo, dr_grpo, dapo
     beta: float = 0.04
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None  # None = epsilon (symmetric clip)
     # optimizer updates per batch (TRL's name); the learning-rate schedule spans max_steps x num_iterations
     num_iterations: int = 1
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    kl_estimator: Literal["k1", "k3", "low_var"] = "k3"
+    scale_rewards: str = "group"  # a key of loss.REWARD_SCALINGS: group, batch, none
+    kl_estimator: str = "k3"  # a key of loss.KL_ESTIMATORS: k1, k3, low_var
     guidance_loss: Literal["train", "mask", "importance"] = "train"
     importance_gamma: float = 0.1
     # The temperature policy, old and reference log-probs are scored at: "rollout" divides the logits
@@ -379,6 +380,10 @@ def validate(cfg: Config) -> None:
     check(k >= 1 and rows % k == 0, f"optim.gradient_accumulation_steps must divide the {rows} rows of a step "
           f"(rollout.prompts_per_step * rollout.num_generations), got {k}")
     check(cfg.loss.beta >= 0, "loss.beta must be >= 0")
+    for key, registry in (("loss_type", LOSS_AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS),
+                          ("scale_rewards", REWARD_SCALINGS)):
+        value = getattr(cfg.loss, key)
+        check(value in registry, f"config key 'loss.{key}': got {value!r}, expected one of {', '.join(map(repr, registry))}")
     check(cfg.loss.logprob_temperature == "rollout" or cfg.loss.logprob_temperature > 0,
           "loss.logprob_temperature must be 'rollout' or a number > 0")
     check(d.num_test >= 1, "data.num_test must be >= 1 (held-out problems for evaluation)")

@@ -28,24 +28,62 @@ Aggregation (`loss_type`) over the effective mask:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-KL_ESTIMATORS = ("k1", "k3", "low_var")
 GUIDANCE_LOSSES = ("train", "mask", "importance")
-SCALE_REWARDS = ("group", "batch", "none")
 
 # `low_var` clips the k3 estimate to this range (k3 >= 0, so in effect to [0, 10]): the clamp used by
 # verl's "low_var_kl", which bounds the rare huge values when ref >> logp.
 LOW_VAR_KL_CLIP = 10.0
 
+# Registries: config values (`loss.loss_type`, `loss.kl_estimator`, `loss.scale_rewards`) are their
+# keys, and config validation reads the keys from here, so a new entry needs no other edit.
+LOSS_AGGREGATIONS: dict[str, Callable] = {}  # (masked per-token loss, mask, max_completion_length) -> (num, den)
+KL_ESTIMATORS: dict[str, Callable] = {}  # (logp, ref_logp) float32 [B, T] -> per-token KL estimate
+REWARD_SCALINGS: dict[str, Callable] = {}  # (group-centred rewards [n, G], rewards [n, G], eps) -> advantages
+
+
+def _registrar(registry: dict, kind: str):
+    def register(name: str):
+        def add(fn):
+            if name in registry:
+                raise ValueError(f"{kind} {name!r} is registered twice")
+            registry[name] = fn
+            return fn
+
+        return add
+
+    return register
+
+
+register_aggregation = _registrar(LOSS_AGGREGATIONS, "loss aggregation")
+register_kl_estimator = _registrar(KL_ESTIMATORS, "KL estimator")
+register_reward_scaling = _registrar(REWARD_SCALINGS, "reward scaling")
+
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@register_reward_scaling("group")
+def _scale_by_group_std(centred, grouped, eps):
+    if grouped.shape[1] < 2:
+        raise ValueError("scale_rewards='group' needs num_generations >= 2 (std with ddof=1)")
+    return centred / (grouped.std(axis=1, ddof=1, keepdims=True) + eps)
+
+
+@register_reward_scaling("batch")
+def _scale_by_batch_std(centred, grouped, eps):  # the centring stays per group, as TRL does
+    return centred / (grouped.reshape(-1).std(ddof=1) + eps)
+
+
+@register_reward_scaling("none")
+def _no_scaling(centred, grouped, eps):
+    return centred
 
 
 def group_advantages(rewards, num_generations: int, scale_rewards: str = "group", eps: float = 1e-4):
@@ -56,7 +94,7 @@ def group_advantages(rewards, num_generations: int, scale_rewards: str = "group"
     centring stays per group, as TRL does), or no division at all (``none``: ``A_i = R_i - mean_g``).
     A group whose rewards are all equal gets zero advantages under every choice.
     """
-    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    _check_choice("scale_rewards", scale_rewards, REWARD_SCALINGS)
     r = jnp.asarray(rewards, jnp.float32)
     if r.ndim != 1 or r.shape[0] % num_generations != 0:
         raise ValueError(
@@ -66,13 +104,7 @@ def group_advantages(rewards, num_generations: int, scale_rewards: str = "group"
         raise ValueError("scale_rewards needs at least 2 rewards for a Bessel-corrected std")
     grouped = r.reshape(-1, num_generations)
     centred = grouped - grouped.mean(axis=1, keepdims=True)
-    if scale_rewards == "group":
-        if num_generations < 2:
-            raise ValueError("scale_rewards='group' needs num_generations >= 2 (std with ddof=1)")
-        centred = centred / (grouped.std(axis=1, ddof=1, keepdims=True) + eps)
-    elif scale_rewards == "batch":
-        centred = centred / (r.std(ddof=1) + eps)
-    return centred.reshape(-1)
+    return REWARD_SCALINGS[scale_rewards](centred, grouped, eps).reshape(-1)
 
 
 def kl_penalty(logp, ref_logp, estimator: str = "k3"):
@@ -83,15 +115,23 @@ def kl_penalty(logp, ref_logp, estimator: str = "k3"):
     - ``low_var``: k3 clipped to ``[-10, 10]`` (`LOW_VAR_KL_CLIP`; since k3 >= 0 this caps it at 10).
     """
     _check_choice("kl_estimator", estimator, KL_ESTIMATORS)
-    logp = jnp.asarray(logp, jnp.float32)
-    ref_logp = jnp.asarray(ref_logp, jnp.float32)
-    if estimator == "k1":
-        return logp - ref_logp
+    return KL_ESTIMATORS[estimator](jnp.asarray(logp, jnp.float32), jnp.asarray(ref_logp, jnp.float32))
+
+
+@register_kl_estimator("k1")
+def _kl_k1(logp, ref_logp):
+    return logp - ref_logp
+
+
+@register_kl_estimator("k3")
+def _kl_k3(logp, ref_logp):
     d = ref_logp - logp
-    k3 = jnp.exp(d) - d - 1.0
-    if estimator == "low_var":
-        k3 = jnp.clip(k3, -LOW_VAR_KL_CLIP, LOW_VAR_KL_CLIP)
-    return k3
+    return jnp.exp(d) - d - 1.0
+
+
+@register_kl_estimator("low_var")
+def _kl_low_var(logp, ref_logp):
+    return jnp.clip(_kl_k3(logp, ref_logp), -LOW_VAR_KL_CLIP, LOW_VAR_KL_CLIP)
 
 
 def effective_mask(completion_mask, guidance_mask, guidance_loss: str = "train"):
@@ -178,17 +218,31 @@ def loss_parts(per_token, mask, loss_type: str = "grpo", max_completion_length: 
     count); dr_grpo: (token sum, B * max_completion_length). Summing parts over micro-batches before
     dividing gives the global-batch versions (dapo's token mean, grpo's sequence mean).
     """
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_choice("loss_type", loss_type, LOSS_AGGREGATIONS)
     m = jnp.asarray(mask).astype(jnp.float32)
     masked = jnp.where(m > 0, per_token * m, 0.0)
-    if loss_type == "grpo":
-        n_tok = jnp.sum(m, axis=-1)
-        seq = jnp.sum(masked, axis=-1) / jnp.maximum(n_tok, 1.0)
-        return jnp.sum(seq), jnp.sum((n_tok > 0).astype(jnp.float32))
-    if loss_type in ("bnpo", "dapo"):
-        return jnp.sum(masked), jnp.sum(m)
-    L = per_token.shape[-1] if max_completion_length is None else max_completion_length
-    return jnp.sum(masked), jnp.asarray(per_token.shape[0] * L, jnp.float32)
+    return LOSS_AGGREGATIONS[loss_type](masked, m, max_completion_length)
+
+
+@register_aggregation("grpo")
+def _sequence_mean(masked, m, max_completion_length):
+    n_tok = jnp.sum(m, axis=-1)
+    seq = jnp.sum(masked, axis=-1) / jnp.maximum(n_tok, 1.0)
+    return jnp.sum(seq), jnp.sum((n_tok > 0).astype(jnp.float32))
+
+
+@register_aggregation("bnpo")
+def _token_mean(masked, m, max_completion_length):
+    return jnp.sum(masked), jnp.sum(m)
+
+
+@register_aggregation("dr_grpo")
+def _constant_length(masked, m, max_completion_length):
+    L = masked.shape[-1] if max_completion_length is None else max_completion_length
+    return jnp.sum(masked), jnp.asarray(masked.shape[0] * L, jnp.float32)
+
+
+register_aggregation("dapo")(_token_mean)  # the same parts; dapo differs from bnpo only across micro-batches
 
 
 def loss_sums(
@@ -208,7 +262,7 @@ def loss_sums(
     (`loss_parts`), ``tokens`` (the effective mask's count) and the masked sums of the metrics
     (``entropy`` [B, T] too, when given). Summed over micro-batches they are the whole batch's;
     :func:`loss_metrics` turns them into means."""
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_choice("loss_type", loss_type, LOSS_AGGREGATIONS)
     per_tok, mask, aux = per_token_loss(logp, old_logp, ref_logp, advantages, completion_mask, guidance_mask,
                                         **token_loss_kwargs)
     num, den = loss_parts(per_tok, mask, loss_type, max_completion_length)

@@ -251,10 +251,7 @@ def update_guidance(state: GuidanceState, reward, cfg: GuidanceConfig) -> Guidan
     ``length`` is the one to use from the next optimizer step on. Every schedule records ``reward``
     (``fixed`` / ``linear_decay`` / ``cosine`` / ``paper``: ring buffer; ``reference``: cycle slots).
     """
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"guidance.schedule must be one of {list(SCHEDULES)}, got {cfg.schedule!r}")
-    if cfg.rule not in RULES:
-        raise ValueError(f"guidance.rule must be one of {list(RULES)}, got {cfg.rule!r}")
+    cfg.validate()  # at trace time: cfg is static
     r = jnp.asarray(reward, jnp.float32)
     new = _update_length(state, r, cfg)
     if cfg.ratio_schedule == "adaptive":

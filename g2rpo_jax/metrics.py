@@ -10,6 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -37,14 +38,7 @@ def truncate_jsonl(path: str | Path, max_step: int) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if isinstance(row, dict) and row.get("step", max_step + 1) <= max_step:
-            rows.append(row)
+    rows = [row for row in read_metrics(path) if row["step"] <= max_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
@@ -93,8 +87,44 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics.jsonl that carry an integer ``step``, in file order; [] when the file is
+    missing. A line cut short by a kill is skipped, so a log of an interrupted run reads too."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+            rows.append(row)
+    return rows
+
+
+def finite(value) -> Optional[float]:
+    """A finite float, or None (null / NaN / missing / not a number)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def series(rows: list[dict], key: str) -> dict[int, float]:
+    """step -> value for the rows where ``key`` is a finite number. For ``guidance/length``, a row with
+    ``guidance/ratio`` 0 (no guided rollouts, e.g. vanilla GRPO) counts as length 0."""
+    out = {}
+    for row in rows:
+        value = finite(row.get(key))
+        if key == "guidance/length" and value is not None and finite(row.get("guidance/ratio")) == 0.0:
+            value = 0.0
+        if value is not None:
+            out[int(row["step"])] = value
+    return out
 
 
 def console_summary(row: dict, keys=CONSOLE_KEYS) -> dict:

@@ -8,9 +8,10 @@ held-out accuracy, frac_reward_zero_std, guidance length and KL. Uses matplotlib
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
+
+from g2rpo_jax.metrics import read_metrics, series
 
 # (file name, title, y label, [(metrics key, legend label), ...])
 PLOTS = (
@@ -25,16 +26,6 @@ PLOTS = (
 )
 
 
-def _series(rows: list[dict], key: str) -> tuple[list, list]:
-    xs, ys = [], []
-    for row in rows:
-        v = row.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            xs.append(row["step"])
-            ys.append(v)
-    return xs, ys
-
-
 def plot_run(output_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write the PNGs for a run directory; return their paths (a figure with no data is skipped)."""
     import matplotlib
@@ -42,18 +33,17 @@ def plot_run(output_dir: str | Path, out_dir: str | Path | None = None) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from g2rpo_jax.metrics import read_metrics
-
     run = Path(output_dir)
     metrics = run / "metrics.jsonl"
     if not metrics.exists():
         raise FileNotFoundError(f"no metrics.jsonl in '{run}': pass a train.output_dir of `g2rpo train`")
-    rows = [r for r in read_metrics(metrics) if isinstance(r.get("step"), int)]
+    rows = read_metrics(metrics)
     target = Path(out_dir) if out_dir else run / "plots"
     target.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, title, ylabel, series in PLOTS:
-        data = [(label, *_series(rows, key)) for key, label in series]
+    for name, title, ylabel, lines in PLOTS:
+        data = [(label, list(points), list(points.values())) for key, label in lines
+                for points in [series(rows, key)]]
         data = [d for d in data if d[1]]
         if not data:
             continue

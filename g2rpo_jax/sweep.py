@@ -43,6 +43,8 @@ from typing import Optional
 
 import yaml
 
+from g2rpo_jax.metrics import read_metrics, series
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("grpo", "guided_fixed", "linear_decay", "g2rpo_a", "g2rpo_a_reference", "sft", "clip_higher",
                    "g2rpo_a_adaptive_ratio", "g2rpo_a_per_prompt", "g2rpo_a_dynamic_sampling")
@@ -216,44 +218,6 @@ def machine_info() -> str:
 
 
 # ---------------------------------------------------------------- reading runs
-
-
-def read_metrics(path: Path) -> list[dict]:
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
-
-
-def _num(value) -> Optional[float]:
-    """A finite float, or None (null / NaN / missing)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def series(rows: list[dict], key: str) -> dict[int, float]:
-    """step -> value for the rows where `key` is a finite number. For guidance/length, a row with
-    guidance/ratio 0 (no guided rollouts, e.g. vanilla GRPO) counts as length 0."""
-    out = {}
-    for row in rows:
-        value = _num(row.get(key))
-        if key == "guidance/length" and value is not None and _num(row.get("guidance/ratio")) == 0.0:
-            value = 0.0
-        if value is not None:
-            out[int(row["step"])] = value
-    return out
 
 
 def run_stats(rows: list[dict]) -> dict:

@@ -11,6 +11,7 @@ import yaml
 
 from g2rpo_jax import sweep
 from g2rpo_jax.config import load_config, to_dict
+from g2rpo_jax.metrics import read_metrics, series
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +75,15 @@ def test_stats_of_one_run():
     assert sweep.mean_std([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))
     assert sweep.mean_std([0.4]) == (0.4, None)
     # vanilla GRPO (ratio 0) plots guidance length 0; null values are dropped
-    assert sweep.series([{"step": 1, "guidance/length": 40, "guidance/ratio": 0.0}], "guidance/length") == {1: 0.0}
-    assert sweep.series([{"step": 1, "reward": None}, {"step": 2, "reward": float("nan")}], "reward") == {}
+    assert series([{"step": 1, "guidance/length": 40, "guidance/ratio": 0.0}], "guidance/length") == {1: 0.0}
+    assert series([{"step": 1, "reward": None}, {"step": 2, "reward": float("nan")}], "reward") == {}
+
+
+def test_read_metrics_skips_a_line_cut_by_a_kill_and_rows_without_a_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "reward": 0.5}\n{"note": "no step"}\n{"step": 1, "reward": 1}\n{"step": 2, "rew')
+    assert read_metrics(path) == [{"step": 0, "reward": 0.5}, {"step": 1, "reward": 1}]
+    assert read_metrics(tmp_path / "missing.jsonl") == []
 
 
 def test_table_numbers_and_plots(fabricated, tmp_path):

@@ -8,6 +8,7 @@ num_iterations, reward_weights) and transformers' model configs for the `model` 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from typing import Any, Literal, Optional, Union
@@ -463,6 +464,24 @@ def config_from_dict(raw: dict) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(a: dict, b: dict, ignore=()) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` for every key whose JSON-normalised values differ
+    between two nested config mappings (`to_dict` output or a saved config.yaml), sorted by key."""
+    fa, fb = _flatten(json.loads(json.dumps(a))), _flatten(json.loads(json.dumps(b)))
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if k not in ignore and fa.get(k) != fb.get(k)]
 
 
 def describe_sections() -> str:

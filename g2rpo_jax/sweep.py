@@ -43,6 +43,7 @@ from typing import Optional
 
 import yaml
 
+from g2rpo_jax.config import config_differences
 from g2rpo_jax.metrics import read_metrics, series
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,23 +115,6 @@ def sft_steps_at_equal_budget(sft_cfg, rl_steps: int, overrides: list[str]) -> i
     return rl.warm_start.steps + math.ceil(rollouts / sft_cfg.warm_start.batch_size)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_differences(a: dict, b: dict, ignore=()) -> list[str]:
-    """Dotted keys whose values differ between two nested config mappings (JSON-normalised)."""
-    fa, fb = _flatten(json.loads(json.dumps(a))), _flatten(json.loads(json.dumps(b)))
-    return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
-
-
 def is_done(out: Path, expected: Optional[dict] = None) -> tuple[bool, list[str]]:
     """(skip?, differing keys): a run is done when summary.json exists and, if both the saved
     config.yaml and `expected` are there, they agree on every key that changes the results."""
@@ -140,7 +124,7 @@ def is_done(out: Path, expected: Optional[dict] = None) -> tuple[bool, list[str]
     if expected is None or not saved_path.is_file():
         return True, []
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    diff = config_differences(saved, expected, ignore=_IGNORED_FOR_SKIP)
+    diff = [key for key, _, _ in config_differences(saved, expected, ignore=_IGNORED_FOR_SKIP)]
     return not diff, diff
 
 
@@ -176,7 +160,7 @@ def check_same_evaluation(cfgs: dict) -> None:
     (name0, cfg0), rest = items[0], items[1:]
     for name, cfg in rest:
         for section in ("data", "eval"):
-            diff = config_differences(to_dict(cfg0)[section], to_dict(cfg)[section])
+            diff = [key for key, _, _ in config_differences(to_dict(cfg0)[section], to_dict(cfg)[section])]
             if diff:
                 raise ConfigError(f"configs '{name0}' and '{name}' evaluate differently ({section}."
                                   f"{diff[0]} differs); a sweep compares methods on the same held-out "

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from g2rpo_jax.checkpoint import TrainCheckpointer, remove_checkpoints, save_params
-from g2rpo_jax.config import Config, ConfigError, describe_sections, load_config, to_dict
+from g2rpo_jax.config import Config, ConfigError, config_differences, describe_sections, load_config, to_dict
 from g2rpo_jax.data.pipeline import PromptIterator, TokenizedDataset, tokenize_examples
 from g2rpo_jax.data.sources import load_examples, skip_summary
 from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
@@ -289,16 +289,9 @@ class StopSignals:
         return False
 
 
-def _config_differences(saved: dict, current: dict, ignore=("train.resume", "train.progress", "mesh.distributed",
-                        "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id")) -> list[str]:
-    out = []
-    for section, body in current.items():
-        for key, value in (body or {}).items():
-            name = f"{section}.{key}"
-            old = (saved.get(section) or {}).get(key)
-            if name not in ignore and json.loads(json.dumps(old)) != json.loads(json.dumps(value)):
-                out.append(f"{name}: {old!r} -> {value!r}")
-    return out
+# Keys that may change on resume without changing the run (how it is launched and shown).
+RESUME_IGNORED = ("train.resume", "train.progress", "mesh.distributed", "mesh.coordinator_address",
+                  "mesh.num_processes", "mesh.process_id")
 
 
 def train(cfg: Config, *, stop_after: int | None = None) -> dict:
@@ -379,7 +372,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
         state = TrainState(step=saved["step"], params=params, opt_state=saved["opt_state"], ref_params=reference,
                            guidance=saved["guidance"], rng=saved["rng"])
         iterator.restore(iterator_state)
-        changed = _config_differences(meta.get("config", {}), to_dict(cfg))
+        changed = [f"{key}: {old!r} -> {new!r}" for key, old, new in
+                   config_differences(meta.get("config", {}), to_dict(cfg), RESUME_IGNORED)]
         if changed:
             log.warning("resume: the config differs from the checkpoint's: %s", "; ".join(changed[:5]))
         log.info("resume: continuing from %s (step %d of %d; warm start skipped)", ckpt.step_path(start), start,

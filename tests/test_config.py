@@ -87,3 +87,15 @@ def test_cli_help_lists_sections_and_bad_key_exits_2():
     assert bad.stderr.strip().splitlines() == ["error: unknown config key 'train.max_step'; valid keys in 'train': "
                                                "max_steps, seed, output_dir, progress, log_every, resume, "
                                                "log_completions_every"]
+
+
+def test_config_differences_lists_changed_dotted_keys_with_both_values():
+    from g2rpo_jax.config import config_differences, to_dict
+
+    a = to_dict(load_config(None, ["loss.beta=0.0", "rollout.stop_strings=[x]"]))
+    b = to_dict(load_config(None, ["train.progress=false", "rollout.stop_strings=[x]"]))
+    assert config_differences(a, b) == [("loss.beta", 0.0, 0.04), ("train.progress", True, False)]
+    assert config_differences(a, b, ignore=("train.progress",)) == [("loss.beta", 0.0, 0.04)]
+    # JSON-normalised: a tuple equals a list; a key missing on one side differs from a value
+    assert config_differences({"m": {"r": (1, 2)}}, {"m": {"r": [1, 2]}}) == []
+    assert config_differences({"m": {}}, {"m": {"new": 1}}) == [("m.new", None, 1)]

@@ -288,28 +288,17 @@ def loss_metrics(sums: dict) -> dict:
             if name not in ("loss_numerator", "loss_denominator", "tokens")}
 
 
-def policy_loss(
-    logp,
-    old_logp,
-    ref_logp,
-    advantages,
-    completion_mask,
-    guidance_mask,
-    *,
-    loss_type: str = "grpo",
-    max_completion_length: Optional[int],
-    **token_loss_kwargs,
-):
-    """GRPO-family loss. Returns ``(loss, metrics)``.
+def policy_loss(*arrays, **settings):
+    """GRPO-family loss over one batch: ``(loss, metrics)``; the arguments are :func:`loss_sums`'
+    (logp, old_logp, ref_logp, advantages, completion_mask, guidance_mask; loss_type,
+    max_completion_length and :func:`per_token_loss`'s settings).
 
-    ``token_loss_kwargs`` are :func:`per_token_loss`'s (beta, epsilon_low, epsilon_high,
-    kl_estimator, guidance_loss, importance_gamma). ``max_completion_length`` is the dr_grpo
-    normaliser (required keyword; ``None`` means T, the width of the arrays). ``ref_logp`` may be
-    None when beta == 0. ``old_logp`` may be None (one update per batch: stop_gradient(logp)).
-    Metrics (TRL names, token means over the effective mask): ``kl`` (when ref_logp is given, even
-    with beta == 0), ``clip_ratio/low_mean`` (rho < 1 - eps_low with A < 0),
-    ``clip_ratio/high_mean`` (rho > 1 + eps_high with A > 0), ``clip_ratio/region_mean`` (either).
+    ``max_completion_length`` is the dr_grpo normaliser (required keyword; ``None`` means T, the
+    width of the arrays). ``ref_logp`` may be None when beta == 0. ``old_logp`` may be None (one
+    update per batch: stop_gradient(logp)). Metrics (TRL names, token means over the effective mask):
+    ``kl`` (when ref_logp is given, even with beta == 0), ``clip_ratio/low_mean`` (rho < 1 - eps_low
+    with A < 0), ``clip_ratio/high_mean`` (rho > 1 + eps_high with A > 0), ``clip_ratio/region_mean``
+    (either).
     """
-    sums = loss_sums(logp, old_logp, ref_logp, advantages, completion_mask, guidance_mask, loss_type=loss_type,
-                     max_completion_length=max_completion_length, **token_loss_kwargs)
+    sums = loss_sums(*arrays, **settings)
     return sums["loss_numerator"] / jnp.maximum(sums["loss_denominator"], 1.0), loss_metrics(sums)

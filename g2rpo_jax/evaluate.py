@@ -227,7 +227,8 @@ def main(argv=None) -> int:
                                                                 "(default: answer)")
     math.add_argument("--system-prompt", help="system turn before each problem (default: a run's "
                                               "data.system_prompt, else none; '' for none)")
-    math.add_argument("--batch-size", type=int, default=16, help="sequences per call of the jitted sampler (default 16)")
+    math.add_argument("--batch-size", type=int, default=16,
+                      help="sequences per call of the jitted sampler (default 16)")
     math.add_argument("--temperature", type=float, help="sampling temperature (default: greedy for "
                                                         "--num-samples 1, else 0.6)")
     math.add_argument("--top-p", type=float, help="nucleus sampling for --num-samples > 1 (default 0.95)")

@@ -161,7 +161,8 @@ def read_samples(path: str, num_problems: int) -> dict[int, list[str]]:
 # ------------------------------------------------------------------ scoring
 
 
-def majority(keys: Sequence, predictions: Sequence[Optional[str]], correct: Sequence[float]) -> tuple[Optional[str], float]:
+def majority(keys: Sequence, predictions: Sequence[Optional[str]],
+             correct: Sequence[float]) -> tuple[Optional[str], float]:
     """(the winning prediction, its correctness) of a vote on ``keys`` (`evaluate.majority_index`)."""
     from g2rpo_jax.evaluate import majority_index
 

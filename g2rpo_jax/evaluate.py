@@ -12,6 +12,11 @@ Per-problem rows go to a JSONL file.
 
 `--task humaneval --samples S.jsonl [--out R.jsonl]` scores HumanEval completions in the code
 sandbox without a model (with `--checkpoint`, generates them first): see g2rpo_jax/evaluate_code.py.
+
+`--task math --data FILE (--model RUN_DIR|HF_DIR|FILE.gguf|gguf:smollm2 | --samples S.jsonl)
+[--out R.jsonl]` scores a local math problem file (MATH-500, AIME, GSM8K, ...) with math-verify:
+pass@1, pass@k and maj@k; a summary table on stderr, and the last stdout line is one JSON object.
+See g2rpo_jax/evaluate_math.py.
 """
 
 from __future__ import annotations
@@ -50,14 +55,20 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 VOTE_KEYS = {"accuracy": extract_final_answer, "math_accuracy": extract_boxed}
 
 
+def majority_index(keys: list) -> int | None:
+    """The first completion whose key (extracted answer) is the most common (ties: the first seen;
+    None never wins); None when no completion has a key."""
+    votes = collections.Counter(k for k in keys if k is not None)
+    if not votes:
+        return None
+    return keys.index(votes.most_common(1)[0][0])
+
+
 def majority_reward(keys: list, rewards: list) -> float:
     """maj@k: the reward of the first completion whose extracted answer is the most common (ties: first
     seen; None never wins); 0.0 when no completion has an answer."""
-    votes = collections.Counter(k for k in keys if k is not None)
-    if not votes:
-        return 0.0
-    winner = votes.most_common(1)[0][0]
-    return float(rewards[keys.index(winner)])
+    i = majority_index(keys)
+    return 0.0 if i is None else float(rewards[i])
 
 
 @dataclasses.dataclass
@@ -204,19 +215,47 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint",
                         help="a run's train.output_dir (its final/ params, else its newest step checkpoint), its "
                              "final/ dir, or one step checkpoint <output_dir>/checkpoints/<step>")
-    parser.add_argument("--task", default="embedded", choices=["embedded", "humaneval"], help="evaluation task")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples per problem for pass@k / maj@k")
+    parser.add_argument("--task", default="embedded", choices=["embedded", "humaneval", "math"], help="evaluation task")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per problem for pass@k / maj@k (math: "
+                                                                   "1 is greedy; ignored with --samples)")
     parser.add_argument("--out", help="per-problem JSONL (default: <run>/eval_results.jsonl; humaneval: "
-                                      "<samples>_results.jsonl)")
+                                      "<samples>_results.jsonl; math: <samples>_results.jsonl, "
+                                      "<run>/math_results_<data>.jsonl, required for other models)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", help="humaneval: JSONL of task_id/completion rows to score (written first "
-                                          "when --checkpoint is given)")
+                                          "when --checkpoint is given); math: JSONL of index/completion rows")
     parser.add_argument("--limit", type=int, help="humaneval with --checkpoint: only the first N problems")
-    parser.add_argument("--workers", type=int, help="humaneval: parallel sandbox runs (default 2 x CPU cores)")
+    parser.add_argument("--workers", type=int, help="humaneval: parallel sandbox runs (default 2 x CPU cores); "
+                                                    "math: math-verify scoring processes (default min(4, cores))")
+    math = parser.add_argument_group("--task math")
+    math.add_argument("--data", help="local .jsonl / .json / .parquet file of problems, one per row")
+    math.add_argument("--model", help="generate with: a run directory, a transformers model directory, a .gguf "
+                                      "file or gguf:smollm2 (--checkpoint RUN works too)")
+    math.add_argument("--prompt-column", help="column of the problem text (default: problem, else question)")
+    math.add_argument("--answer-column", default="answer", help="column of the gold answer: a number, LaTeX, a "
+                                                                "solution with \\boxed{}, or GSM8K's '... #### 72' "
+                                                                "(default: answer)")
+    math.add_argument("--system-prompt", help="system turn before each problem (default: a run's "
+                                              "data.system_prompt, else none; '' for none)")
+    math.add_argument("--batch-size", type=int, default=16,
+                      help="sequences per call of the jitted sampler (default 16)")
+    math.add_argument("--temperature", type=float, help="sampling temperature (default: greedy for "
+                                                        "--num-samples 1, else 0.6)")
+    math.add_argument("--top-p", type=float, help="nucleus sampling for --num-samples > 1 (default 0.95)")
+    math.add_argument("--max-new-tokens", type=int, help="generation budget (default: a run's "
+                                                         "eval.max_new_tokens, else 1024)")
+    math.add_argument("--max-prompt-length", type=int, help="skip (and count) problems whose rendered prompt is "
+                                                            "longer (default: the longest prompt, none skipped)")
+    math.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                      help="stop a completion after this text (repeatable)")
     args = parser.parse_args(argv)
     setup_logging()
     if args.task == "humaneval":
         return humaneval_main(args)
+    if args.task == "math":
+        return math_main(args)
+    if args.model or args.data:
+        parser.error("--model and --data are for --task math")
     if not args.checkpoint:
         parser.error("--checkpoint is required for --task embedded")
     try:
@@ -247,6 +286,31 @@ def humaneval_main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def math_main(args) -> int:
+    from g2rpo_jax import evaluate_math
+
+    if not args.data:
+        print("error: --task math needs --data FILE (a local .jsonl / .json / .parquet file of problems)",
+              file=sys.stderr)
+        return 2
+    if args.model and args.checkpoint:
+        print("error: give --model or --checkpoint, not both", file=sys.stderr)
+        return 2
+    try:
+        summary = evaluate_math.evaluate_math(
+            args.data, samples=args.samples, model=args.model or args.checkpoint, out=args.out,
+            prompt_column=args.prompt_column, answer_column=args.answer_column, system_prompt=args.system_prompt,
+            num_samples=args.num_samples, batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length, stop=args.stop,
+            seed=args.seed, workers=args.workers)
+    except (FileNotFoundError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(evaluate_math.summary_table(summary), file=sys.stderr)
+    print(json.dumps(summary))
     return 0
 
 

@@ -85,19 +85,38 @@ def parse_gold(answer: str) -> list:
     return _parse_free(f"${text}$") or _parse_free(text)
 
 
+def _prediction_source(completion: str) -> Optional[tuple[str, str]]:
+    """(kind, text) of a completion's prediction, in the module docstring's order: ("boxed", the last
+    box's content), ("answer", the last <answer> tag's content) or ("number", the final answer part's
+    last number, commas dropped); None when it has none."""
+    boxed = extract_boxed(completion)
+    if boxed is not None:
+        return "boxed", boxed
+    tags = _ANSWER_TAG.findall(completion)
+    if tags:
+        return "answer", tags[-1]
+    numbers = _NUMBER.findall(final_answer_text(completion) or "")
+    return ("number", numbers[-1].replace(",", "")) if numbers else None
+
+
+def prediction_text(completion: str) -> Optional[str]:
+    """The text `parse_prediction` parses (the last box's content, else the last <answer> tag's, else
+    the last number of the final answer part); None when a completion has no prediction."""
+    source = _prediction_source(completion)
+    return None if source is None else source[1]
+
+
 def parse_prediction(completion: str) -> list:
     """The prediction of a completion as math-verify objects, in the module docstring's order."""
     from math_verify import parse
 
-    boxed = extract_boxed(completion)
-    if boxed is not None:
-        return parse("\\boxed{" + boxed + "}", _reference_boxed_config(), extraction_mode="first_match")
-    tags = _ANSWER_TAG.findall(completion)
-    if tags:
-        return _parse_free(tags[-1])
-    tail = final_answer_text(completion)
-    numbers = _NUMBER.findall(tail or "")
-    return _parse_free(numbers[-1].replace(",", "")) if numbers else []
+    source = _prediction_source(completion)
+    if source is None:
+        return []
+    kind, text = source
+    if kind == "boxed":
+        return parse("\\boxed{" + text + "}", _reference_boxed_config(), extraction_mode="first_match")
+    return _parse_free(text)
 
 
 def math_accuracy_one(completion: str, answer: str, unparseable_gold: float = 0.0) -> float:
@@ -111,6 +130,43 @@ def math_accuracy_one(completion: str, answer: str, unparseable_gold: float = 0.
         return float(unparseable_gold)
     pred = parse_prediction(completion)
     return float(bool(pred) and verify(gold, pred))
+
+
+def gold_parseable(answer: str) -> bool:
+    """Whether math-verify can parse the gold ``answer`` (else no completion can match it).
+    Runs inside a pool worker."""
+    return bool(parse_gold(str(answer)))
+
+
+def answer_classes(completions: Sequence[str]) -> list[Optional[int]]:
+    """maj@k's votes: per completion, the index of the first completion whose prediction math-verify
+    finds equal to its own (``verify(first, this)``), so ``0.5`` and ``\\frac{1}{2}`` vote together;
+    None for a completion without a parseable prediction. Runs inside a pool worker."""
+    from math_verify import verify
+
+    parsed = [parse_prediction(c) for c in completions]
+    firsts: list[int] = []
+    out: list[Optional[int]] = []
+    for i, pred in enumerate(parsed):
+        if not pred:
+            out.append(None)
+            continue
+        out.append(next((j for j in firsts if verify(parsed[j], pred)), i))
+        if out[-1] == i:
+            firsts.append(i)
+    return out
+
+
+_NO_MEANING = re.compile(r"\s+|\$|\\left|\\right|\\!|\\,|\\;|\\ ")
+
+
+def normalize_prediction(text: Optional[str]) -> Optional[str]:
+    """A prediction string with spacing, ``$``, ``\\left``/``\\right`` and a final period removed and
+    ``\\dfrac``/``\\tfrac`` read as ``\\frac`` (maj@k's fallback key when math-verify's classes time out)."""
+    if text is None:
+        return None
+    text = _NO_MEANING.sub("", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
+    return text or None
 
 
 def warm_up() -> None:

@@ -19,6 +19,7 @@ from g2rpo_jax.errors import ConfigError
 from g2rpo_jax.guidance import GuidanceConfig
 from g2rpo_jax.loss import KL_ESTIMATORS, LOSS_AGGREGATIONS, REWARD_SCALINGS
 from g2rpo_jax.models.config import ModelConfig
+from g2rpo_jax.rewards import REWARD_FUNCS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,8 +413,6 @@ def validate(cfg: Config) -> None:
         check(size == -1 or size >= 1, f"mesh.{axis}={size}: give a positive size or -1 (all remaining devices)")
     check([m.data, m.fsdp, m.tensor].count(-1) <= 1, "at most one of mesh.data/mesh.fsdp/mesh.tensor may be -1")
     w = cfg.reward
-    from g2rpo_jax.rewards import REWARD_FUNCS  # here: the registry imports reward modules
-
     unknown = [n for n in w.reward_funcs if n not in REWARD_FUNCS]
     check(not unknown, f"reward.reward_funcs: unknown {unknown}; available: {', '.join(sorted(REWARD_FUNCS))}")
     check(len(set(w.reward_funcs)) == len(w.reward_funcs), f"reward.reward_funcs {w.reward_funcs} names a function "

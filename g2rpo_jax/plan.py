@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from g2rpo_jax.config import Config, ConfigError, load_config
+from g2rpo_jax.models import init_model
 from g2rpo_jax.policy import architecture_only, pretrained_config
 from g2rpo_jax.sharding import (KV_CACHE_AXES, MESH_AXES, logical_to_spec, mesh_shape,
                                 param_logical_axes, path_name)
@@ -64,7 +65,6 @@ def _split(dim: int, logical: str, mesh: dict) -> int:
 
 
 def param_shapes(model_cfg):
-    from g2rpo_jax.models import init_model
 
     return jax.eval_shape(lambda: init_model(model_cfg, 0)[1])  # shapes only, nothing allocated
 

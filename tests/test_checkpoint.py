@@ -23,7 +23,8 @@ from g2rpo_jax.checkpoint import load_newest_params, load_step_params, step_dirs
 from g2rpo_jax.config import load_config
 from g2rpo_jax.evaluate import evaluate_run
 from g2rpo_jax.models import init_model
-from g2rpo_jax.train import load_task, main, resolve_model_config, train
+from g2rpo_jax.setup import load_task, resolve_model_config
+from g2rpo_jax.train import main, train
 from tiny_run import tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

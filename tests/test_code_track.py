@@ -171,7 +171,7 @@ def test_humaneval_generates_from_a_checkpoint(tmp_path, capsys):
     from g2rpo_jax.checkpoint import save_params
     from g2rpo_jax.config import load_config, to_dict
     from g2rpo_jax.models import init_model
-    from g2rpo_jax.train import load_task, resolve_model_config
+    from g2rpo_jax.setup import load_task, resolve_model_config
 
     cfg = load_config("configs/default.yaml", ["model.hidden_size=32", "model.intermediate_size=64",
                                                 "model.num_hidden_layers=1", "eval.max_new_tokens=8",

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from g2rpo_jax.cli import main as cli_main
-from g2rpo_jax.evaluate import majority_index
-from g2rpo_jax.evaluate_math import cut_at_stop, read_problems, sampler_stops
+from g2rpo_jax.eval_common import majority_index
+from g2rpo_jax.evaluate_math import read_problems
 from g2rpo_jax.rewards.math import answer_classes, normalize_prediction, parse_prediction, prediction_text
 
 K = 5
@@ -99,13 +99,6 @@ def test_vote_classes_and_majority_index():
     assert majority_index([None, None]) is None
 
 
-def test_stop_strings_helpers():
-    assert cut_at_stop("x = 3</answer> trailing", ["</answer>", "\n\n"]) == "x = 3</answer>"
-    assert cut_at_stop("a\n\nb</answer>", ["</answer>", "\n\n"]) == "a\n\n"
-    assert cut_at_stop("no stop", ["</answer>"]) == "no stop"
-    assert isinstance(sampler_stops(), bool)
-
-
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".json"])
 def test_scores_samples_with_hand_computed_metrics(tmp_path, capsys, suffix):
     data = write_data(tmp_path / f"problems{suffix}", PROBLEMS)
@@ -175,7 +168,7 @@ def test_generates_from_a_run_directory(tmp_path, capsys):
     from g2rpo_jax.config import load_config, to_dict
     from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
     from g2rpo_jax.models import init_model
-    from g2rpo_jax.train import resolve_model_config
+    from g2rpo_jax.setup import resolve_model_config
 
     cfg = load_config("configs/default.yaml", ["model.hidden_size=32", "model.intermediate_size=64",
                                                 "model.num_hidden_layers=1", "eval.max_new_tokens=8",
@@ -194,6 +187,16 @@ def test_generates_from_a_run_directory(tmp_path, capsys):
     summary, rows = check_generated(line, run / "math_results_tiny.jsonl", 2, 2)
     assert summary["skipped_prompts"] == 1 and "skipped 1 of 3 problems" in err
     assert [r["index"] for r in rows] == [0, 1]
+    # --stop ends rows in the sampler: the same samples (same keys), each cut right after the first stop
+    stop = rows[0]["completions"][0][1:3]
+    assert len(stop) == 2
+    out = tmp_path / "stopped.jsonl"
+    rc, line, err = run_cli(["--data", data, "--model", str(run), "--num-samples", "2", "--batch-size", "3",
+                             "--max-prompt-length", "100", "--workers", "1", "--stop", stop, "--out", str(out)], capsys)
+    assert rc == 0, err
+    _, cut = check_generated(line, out, 2, 2)
+    for before, after in zip(rows, cut):
+        assert after["completions"] == [t[:t.index(stop) + len(stop)] if stop in t else t for t in before["completions"]]
 
 
 def test_generates_from_a_transformers_directory(tmp_path, capsys):

@@ -13,7 +13,7 @@ TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_
 
 def model_of(cfg):
     from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
-    from g2rpo_jax.train import resolve_model_config
+    from g2rpo_jax.setup import resolve_model_config
 
     return resolve_model_config(cfg, build_embedded_tokenizer())
 

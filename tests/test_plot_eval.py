@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from g2rpo_jax.cli import main as cli_main
-from g2rpo_jax.evaluate import majority_reward, pass_at_k
+from g2rpo_jax.eval_common import majority_reward, pass_at_k
 from g2rpo_jax.plot import PLOTS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

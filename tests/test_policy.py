@@ -9,7 +9,7 @@ from g2rpo_jax.config import ConfigError, load_config
 from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
 from g2rpo_jax.models import init_model, save_pretrained
 from g2rpo_jax.models.config import ModelConfig
-from g2rpo_jax.train import init_policy, load_task, resolve_model_config
+from g2rpo_jax.setup import init_policy, load_task, resolve_model_config
 
 TINY = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_bias=False,

@@ -31,7 +31,7 @@ def first_stop(pieces, toks, stops):
 
 def sentencepiece_tokenizer():
     """A Llama-2-style SentencePiece tokenizer (Unigram, "▁" for spaces, byte fallback), built offline."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]

@@ -29,8 +29,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from g2rpo_jax.config import ConfigError
+from g2rpo_jax.data.code import SUFFIXES, data_files, read_rows, tests_to_answer
 from g2rpo_jax.data.embedded import Example, embedded_splits
+from g2rpo_jax.errors import ConfigError
 from g2rpo_jax.rewards.math import extract_boxed
 
 Rows = Sequence[Mapping[str, Any]]
@@ -176,7 +177,6 @@ def _read_tfds(d) -> dict[str, Optional[Rows]]:
 
 
 def _read_code_cot(d) -> dict[str, Optional[Rows]]:
-    from g2rpo_jax.data.code import SUFFIXES, data_files, read_rows
 
     name = d.dataset_name
     if d.test_split is not None:
@@ -197,8 +197,6 @@ def _read_code_cot(d) -> dict[str, Optional[Rows]]:
 
 def _code_answer(value: Any) -> Optional[str]:
     """The code reward's tests JSON for a tests field (layouts: g2rpo_jax/data/code.py)."""
-    from g2rpo_jax.data.code import tests_to_answer
-
     return None if value is None else tests_to_answer(value)
 
 

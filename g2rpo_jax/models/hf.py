@@ -1,9 +1,9 @@
 """Hugging Face checkpoints in and out: ``config.json`` + ``*.safetensors`` <-> (graphdef, params).
 
-``load_pretrained(path_or_hub_id)`` reads a local model directory (one ``model.safetensors`` or
-shards with ``model.safetensors.index.json``), a hub id through ``huggingface_hub``'s normal cache,
-or a ``.gguf`` file (see :mod:`g2rpo_jax.models.gguf`). ``save_pretrained`` writes a directory that
-transformers' ``AutoModelForCausalLM`` loads.
+``load_hf_dir`` reads a local model directory (one ``model.safetensors`` or shards with
+``model.safetensors.index.json``), ``download_from_hub`` fetches a hub id through ``huggingface_hub``'s
+normal cache (`g2rpo_jax.models.load_pretrained` picks between these and a ``.gguf`` file).
+``save_pretrained`` writes a directory that transformers' ``AutoModelForCausalLM`` loads.
 
 Names: ours mirror transformers' without the ``model.`` prefix (``lm_head`` has none in either);
 leaves ``kernel`` (stored ``[in, out]``, transformers' ``weight`` is ``[out, in]``) and ``embedding``
@@ -252,24 +252,6 @@ def download_from_hub(repo_id: str) -> Path:
                 else "if the machine is offline, set HF_HUB_OFFLINE=1 to use only cached files")
         raise OSError(f"cannot load {repo_id!r}: not a local directory and the hub download failed "
                       f"({type(e).__name__}); it needs network access or a local path ({hint})") from None
-
-
-def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> PretrainedModel:
-    """Load a local HF model directory, a ``.gguf`` file, or (anything else) a hub id."""
-    s = os.fspath(name_or_path)
-    path = Path(s).expanduser()
-    if s.endswith(".gguf"):
-        from g2rpo_jax.models.gguf import load_gguf
-
-        return load_gguf(path, dtype=dtype)
-    if path.is_dir():
-        return load_hf_dir(path, dtype=dtype)
-    if path.exists():
-        raise ValueError(f"{s} is a file; pass its model directory (config.json + *.safetensors) "
-                         f"or a .gguf file")
-    if s.startswith((".", "/", "~")) or s.count("/") > 1:
-        raise FileNotFoundError(f"{s}: no such directory (a hub id looks like owner/name)")
-    return load_hf_dir(download_from_hub(s), dtype=dtype)
 
 
 # ---------------------------------------------------------------------------- export

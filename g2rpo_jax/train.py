@@ -279,7 +279,8 @@ def open_checkpoints(run: Run):
                   "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
     try:
         restored = ckpt.restore_latest(abstract_like(run.params, tree_shardings(run.params, mesh)),
-                                       abstract_like(state_like, tree_shardings(state_like, mesh)), run.model_meta)
+                                       abstract_like(state_like, tree_shardings(state_like, mesh)), run.model_meta,
+                                       with_reference=cfg.loss.beta > 0)
     except ValueError as e:  # a checkpoint of another model, or none readable: one clear line
         ckpt.close()
         raise ConfigError(str(e)) from None
@@ -297,7 +298,8 @@ def initial_state(run: Run, ckpt, restored) -> tuple[TrainState, int]:
         params = warm_start(cfg, run.model_cfg, run.task.tokenizer, run.graphdef,
                             shard_state(run.params, tree_shardings(run.params, mesh)))
         state = init_train_state(cfg, params, run.optimizer, len(run.task.train))
-        ckpt.save_reference(state.ref_params)  # the initial policy, once: every resume restores it
+        if state.ref_params is not None:
+            ckpt.save_reference(state.ref_params)  # the initial policy, once: every resume restores it
         start = 0
     else:
         start, params, saved, iterator_state, meta, reference = restored

@@ -32,7 +32,7 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt_state: Any
-    ref_params: Any
+    ref_params: Any  # the frozen initial policy; None when loss.beta == 0 (no KL term to compute)
     guidance: GuidanceState
     rng: jax.Array
 
@@ -259,10 +259,11 @@ def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sc
 
 def init_train_state(cfg: Config, params, optimizer: optax.GradientTransformation, num_train: int) -> TrainState:
     """Step 0's state around `params`: fresh optimizer moments, the reference policy as a separate
-    copy (the update donates the state's buffers, and the reference stays frozen), the guidance
-    controller's initial state and the run's RNG. Works under `jax.eval_shape` (compile.py)."""
+    copy (the update donates the state's buffers, and the reference stays frozen; none with
+    ``loss.beta == 0``, which never reads it), the guidance controller's initial state and the run's
+    RNG. Works under `jax.eval_shape` (compile.py)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      ref_params=jax.tree.map(jnp.copy, params),
+                      ref_params=jax.tree.map(jnp.copy, params) if cfg.loss.beta > 0 else None,
                       guidance=init_guidance_state(resolved_guidance(cfg), num_train),
                       rng=jax.random.PRNGKey(cfg.train.seed))
 

@@ -133,8 +133,6 @@ def test_is_done_requires_summary_and_matching_config(tmp_path):
 @pytest.fixture
 def fake_train(monkeypatch):
     """Replace the real training loop: write config.yaml, metrics.jsonl, summary.json; record calls."""
-    import g2rpo_jax.train as train_mod
-
     calls = []
 
     def train(cfg, **kwargs):
@@ -148,7 +146,7 @@ def fake_train(monkeypatch):
         write_run(out, rows, wall_s=None)
         return {"first": rows[0], "last": rows[-1], "state": None, "preempted": None}
 
-    monkeypatch.setattr(train_mod, "train", train)
+    monkeypatch.setattr(sweep, "train", train)  # the name sweep.py runs
     return calls
 
 

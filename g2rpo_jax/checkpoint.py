@@ -14,7 +14,7 @@ directory `checkpoints/<step>/` holds four items:
 
 The reference parameters never change during a run, so they are written once, at the start, to
 `checkpoints/reference/` (not a step directory, so the manager never deletes it) and restored from
-there. Saves are asynchronous; Orbax writes each one to a temporary directory and renames it when
+there; a run with `loss.beta = 0` has none. Saves are asynchronous; Orbax writes each one to a temporary directory and renames it when
 complete, so a process killed at any moment leaves the previous checkpoints usable.
 """
 
@@ -168,9 +168,9 @@ class TrainCheckpointer:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, params_like, state_like: dict, model_config: dict):
-        """Newest usable checkpoint: (step, params, state, iterator_state, meta, reference params), or
-        None when there is none. An unreadable (incomplete or corrupted) newest checkpoint is skipped
+    def restore_latest(self, params_like, state_like: dict, model_config: dict, with_reference: bool = True):
+        """Newest usable checkpoint: (step, params, state, iterator_state, meta, reference params or
+        None without ``with_reference``), or None when there is none. An unreadable (incomplete or corrupted) newest checkpoint is skipped
         with a warning naming it; a readable one from another model raises CheckpointMismatch."""
         steps = self.steps()
         if not steps:
@@ -203,7 +203,7 @@ class TrainCheckpointer:
             except Exception as e:  # noqa: BLE001 - any read failure means an unusable checkpoint
                 errors.append(self._skip(path, e))
                 continue
-            reference = self.load_reference(params_like)
+            reference = self.load_reference(params_like) if with_reference else None
             self._set_aside([self.step_path(s) for s in steps if s > step])
             return step, params, state, iterator, meta, reference
         raise ValueError(f"no usable checkpoint in '{self.directory}': {len(errors)} found, all unreadable "
@@ -225,7 +225,8 @@ class TrainCheckpointer:
     def load_reference(self, params_like):
         if not self.reference_path.exists():
             raise ValueError(f"the run's reference parameters '{self.reference_path}' are missing; "
-                             "they are written at the start of a run and needed to resume it")
+                             "they are written at the start of a run with loss.beta > 0 and needed to resume "
+                             "it (a run started with loss.beta=0 has none: resume it with loss.beta=0)")
         try:
             return load_params(self.reference_path, params_like)
         except ValueError as e:

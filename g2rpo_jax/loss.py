@@ -28,6 +28,7 @@ Aggregation (`loss_type`) over the effective mask:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import jax
@@ -141,6 +142,24 @@ def effective_mask(completion_mask, guidance_mask, guidance_loss: str = "train")
     if guidance_loss == "mask" and guidance_mask is not None:
         m = m * (1.0 - jnp.asarray(guidance_mask).astype(jnp.float32))
     return m
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The loss section as the loss functions take it (the config's ``epsilon`` is ``epsilon_low``;
+    ``epsilon_high`` null is resolved to it)."""
+
+    loss_type: str = "grpo"
+    beta: float = 0.04
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    kl_estimator: str = "k3"
+    guidance_loss: str = "train"
+    importance_gamma: float = 0.1
+
+    def as_kwargs(self) -> dict:
+        """Keyword arguments of `loss_sums` / `policy_loss`."""
+        return dataclasses.asdict(self)
 
 
 def per_token_loss(

@@ -132,11 +132,12 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
     # with accumulation the running sum and one micro-batch's; then optax's update tree, the size of
     # the weights, before it is applied
     grads = (p if k == 1 else 2 * p) + p
-    parts = {"params (policy)": p, "optimizer (Adam m, v)": 2 * p, "reference policy": p,
+    ref = p if cfg.loss.beta > 0 else 0  # loss.beta = 0 keeps no reference copy
+    parts = {"params (policy)": p, "optimizer (Adam m, v)": 2 * p, "reference policy": ref,
              "gradients (update)": grads, "KV cache (rollout)": kv, "prefill (rollout)": prefill,
              "activations (update, estimate)": activations, "KV cache (evaluation)": eval_kv,
              "gathered weights (generation, fsdp)": gathered}
-    peak = 4 * p + max(kv + prefill + gathered, grads + activations, eval_kv + gathered)
+    peak = 3 * p + ref + max(kv + prefill + gathered, grads + activations, eval_kv + gathered)
     return MemoryPlan(mesh, num_params, parts, peak, device_memory)
 
 

@@ -16,11 +16,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import yaml
+from tqdm.auto import tqdm
 
 from g2rpo_jax.checkpoint import TrainCheckpointer, remove_checkpoints, save_params
 from g2rpo_jax.config import Config, ConfigError, config_differences, describe_sections, load_config, to_dict
@@ -31,14 +34,14 @@ from g2rpo_jax.models.transformer import count_params
 from g2rpo_jax.plan import detect_device_memory, fit_warning, format_bytes, memory_plan
 from g2rpo_jax.rewards import ScoringPool, combine_rewards, configured_rewards
 from g2rpo_jax.rollout import Rollout, decode_texts
-from g2rpo_jax.setup import init_policy, load_task, resolve_model_config, setup_logging
+from g2rpo_jax.setup import TaskData, init_policy, load_task, resolve_model_config, setup_logging
 from g2rpo_jax.sharding import (Placement, abstract_like, check_batch, gather_host, global_batch,
                                 maybe_initialize_distributed, process_rows, shard_state, sync_processes, to_host,
                                 tree_shardings)
 from g2rpo_jax.dynamic_sampling import choose_groups, enough_groups, group_rows, groups_with_spread, take_rows
 from g2rpo_jax.stop_strings import stop_strings_for
-from g2rpo_jax.train_step import (BATCH_KEYS, TrainState, build_optimizer, build_step_fns, eval_batch_rows,
-                                  init_train_state, resolved_guidance)
+from g2rpo_jax.train_step import (BATCH_KEYS, StepFns, TrainState, build_optimizer, build_step_fns,
+                                  eval_batch_rows, init_train_state, resolved_guidance)
 from g2rpo_jax.warm_start import warm_start
 
 log = logging.getLogger("g2rpo_jax")
@@ -207,22 +210,33 @@ RESUME_IGNORED = ("train.resume", "train.progress", "mesh.distributed", "mesh.co
                   "mesh.num_processes", "mesh.process_id")
 
 
-def train(cfg: Config, *, stop_after: int | None = None) -> dict:
-    """Run warm start (or its cache) and the RL stage, or resume them from the newest checkpoint;
-    return the first and last metrics rows and the final state ("preempted": the step after which a
-    signal stopped the run, else None). `stop_after=k` stops after step k as a signal would (a
-    checkpoint is saved), for tests and time-limited jobs."""
-    setup_logging()
-    maybe_initialize_distributed(cfg.mesh)  # before anything touches a device
+@dataclasses.dataclass
+class Run:
+    """Everything a run sets up before its first step (`prepare_run`)."""
+
+    cfg: Config
+    out_dir: Path
+    task: TaskData
+    model_cfg: Any
+    model_meta: dict  # the model config as JSON: checkpoints record it, resume checks it
+    graphdef: Any
+    params: Any  # the initial policy (pretrained or seeded), before the warm start
+    stop: Any  # rollout.stop_strings for the tokenizer
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    placement: Placement
+    iterator: PromptIterator
+
+
+def prepare_run(cfg: Config) -> Run:
+    """Task, policy, optimizer, mesh and prompt iterator of a run; the memory plan logged."""
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("output dir %s, jax %s on %s", out_dir, jax.__version__, jax.devices()[0].platform)
-
     task = load_task(cfg)
-    tok = task.tokenizer
-    model_cfg = resolve_model_config(cfg, tok)
+    model_cfg = resolve_model_config(cfg, task.tokenizer)
     try:
-        stop = stop_strings_for(tok, cfg.rollout.stop_strings, model_cfg.vocab_size)
+        stop = stop_strings_for(task.tokenizer, cfg.rollout.stop_strings, model_cfg.vocab_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     graphdef, params = init_policy(cfg, model_cfg)
@@ -232,12 +246,10 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
              f"difficulty {cfg.data.train_min_steps}-{cfg.data.train_max_steps} / {cfg.data.test_min_steps}-"
              f"{cfg.data.test_max_steps}" if cfg.data.source == "embedded"
              else f"{cfg.data.source} {cfg.data.dataset_name}")
-
-    r, g = cfg.rollout, cfg.rollout.num_generations
-    guidance_cfg = resolved_guidance(cfg)
+    r = cfg.rollout
     optimizer, schedule = build_optimizer(cfg)
     placement = Placement.build(cfg.mesh)
-    check_batch(placement.mesh, r.prompts_per_step, g, cfg.optim.gradient_accumulation_steps)
+    check_batch(placement.mesh, r.prompts_per_step, r.num_generations, cfg.optim.gradient_accumulation_steps)
     log.info("mesh %s", placement.describe())
     plan = memory_plan(cfg, model_cfg, placement.mesh.devices.size, detect_device_memory()[0])
     log.info("memory: about %s per device at peak (`g2rpo plan` has the breakdown)", format_bytes(plan.peak))
@@ -245,167 +257,218 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
         log.warning("%s", fit_warning(plan))
     iterator = PromptIterator(len(task.train.answers), r.prompts_per_step, seed=cfg.train.seed + cfg.data.seed,
                               order=cfg.data.order)
+    return Run(cfg, out_dir, task, model_cfg, json.loads(json.dumps(dataclasses.asdict(model_cfg))), graphdef,
+               params, stop, optimizer, schedule, placement, iterator)
 
-    # ---- resume from the newest usable checkpoint, or start a new run
-    model_meta = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
-    restored = None
-    if cfg.train.resume == "auto":
-        ckpt = TrainCheckpointer(out_dir, cfg.checkpoint.max_to_keep)
-        state_like = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": jax.eval_shape(optimizer.init, params),
-                      "guidance": jax.eval_shape(lambda: init_guidance_state(guidance_cfg, len(task.train))),
-                      "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
-        try:
-            # restored straight into the target shardings (each process reads only its pieces)
-            restored = ckpt.restore_latest(abstract_like(params, tree_shardings(params, placement.mesh)),
-                                           abstract_like(state_like, tree_shardings(state_like, placement.mesh)),
-                                           model_meta)
-        except ValueError as e:  # a checkpoint of another model, or none readable: one clear line
-            ckpt.close()
-            raise ConfigError(str(e)) from None
-        if restored is None:
-            log.info("resume: no checkpoint in %s yet; starting a new run", ckpt.directory)
-    else:
-        removed = remove_checkpoints(out_dir) if jax.process_index() == 0 else 0
+
+def open_checkpoints(run: Run):
+    """(checkpointer, restored or None): with train.resume=auto the newest usable checkpoint is read
+    straight into the mesh shardings; with never, old checkpoints in output_dir are removed first."""
+    cfg, mesh = run.cfg, run.placement.mesh
+    if cfg.train.resume != "auto":
+        removed = remove_checkpoints(run.out_dir) if jax.process_index() == 0 else 0
         sync_processes("old checkpoints removed")  # no host may write into the directory before that
         if removed:
             log.warning("train.resume=never: replaced %d old checkpoints in %s (pass --resume to continue a run)",
-                        removed, out_dir / "checkpoints")
-        ckpt = TrainCheckpointer(out_dir, cfg.checkpoint.max_to_keep)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tok.save_pretrained(out_dir / "tokenizer")
-
+                        removed, run.out_dir / "checkpoints")
+        return TrainCheckpointer(run.out_dir, cfg.checkpoint.max_to_keep), None
+    ckpt = TrainCheckpointer(run.out_dir, cfg.checkpoint.max_to_keep)
+    guidance_cfg = resolved_guidance(cfg)
+    state_like = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": jax.eval_shape(run.optimizer.init, run.params),
+                  "guidance": jax.eval_shape(lambda: init_guidance_state(guidance_cfg, len(run.task.train))),
+                  "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+    try:
+        restored = ckpt.restore_latest(abstract_like(run.params, tree_shardings(run.params, mesh)),
+                                       abstract_like(state_like, tree_shardings(state_like, mesh)), run.model_meta,
+                                       with_reference=cfg.loss.beta > 0)
+    except ValueError as e:  # a checkpoint of another model, or none readable: one clear line
+        ckpt.close()
+        raise ConfigError(str(e)) from None
     if restored is None:
-        start = 0
+        log.info("resume: no checkpoint in %s yet; starting a new run", ckpt.directory)
+    return ckpt, restored
+
+
+def initial_state(run: Run, ckpt, restored) -> tuple[TrainState, int]:
+    """(state placed on the mesh, last step done): a fresh run's warm-started state (its reference
+    saved once), or the restored one with the iterator where it was."""
+    cfg, mesh = run.cfg, run.placement.mesh
+    if restored is None:
         # placed first: the warm start then runs (and is cached) on the mesh like everything else
-        params = warm_start(cfg, model_cfg, tok, graphdef, shard_state(params, tree_shardings(params, placement.mesh)))
-        state = init_train_state(cfg, params, optimizer, len(task.train))
-        ckpt.save_reference(state.ref_params)  # the initial policy, once: every resume restores it
+        params = warm_start(cfg, run.model_cfg, run.task.tokenizer, run.graphdef,
+                            shard_state(run.params, tree_shardings(run.params, mesh)))
+        state = init_train_state(cfg, params, run.optimizer, len(run.task.train))
+        if state.ref_params is not None:
+            ckpt.save_reference(state.ref_params)  # the initial policy, once: every resume restores it
+        start = 0
     else:
         start, params, saved, iterator_state, meta, reference = restored
         state = TrainState(step=saved["step"], params=params, opt_state=saved["opt_state"], ref_params=reference,
                            guidance=saved["guidance"], rng=saved["rng"])
-        iterator.restore(iterator_state)
+        run.iterator.restore(iterator_state)
         changed = [f"{key}: {old!r} -> {new!r}" for key, old, new in
                    config_differences(meta.get("config", {}), to_dict(cfg), RESUME_IGNORED)]
         if changed:
             log.warning("resume: the config differs from the checkpoint's: %s", "; ".join(changed[:5]))
         log.info("resume: continuing from %s (step %d of %d; warm start skipped)", ckpt.step_path(start), start,
                  cfg.train.max_steps)
+    # One placement for fresh and restored states: a resumed run runs the very executables of a fresh
+    # one (and hits the same compilation cache).
+    return shard_state(state, tree_shardings(state, mesh)), start
 
-    # Place every leaf with its mesh sharding (sharding.py rules; the reference like the policy). One
-    # placement for fresh and restored states means a resumed run runs the very executables of a
-    # fresh one (and hits the same compilation cache).
-    state_shardings = tree_shardings(state, placement.mesh)
-    state = shard_state(state, state_shardings)
-    fns = build_step_fns(cfg, graphdef, optimizer, schedule, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                         eval_rows=eval_batch_rows(cfg, len(task.test.answers)), placement=placement,
-                         state_shardings=state_shardings,
-                         stop=stop)
+
+@dataclasses.dataclass
+class Loop:
+    """What the steps use: the jitted programs, the reward functions and the logs (`open_loop`)."""
+
+    fns: StepFns
+    evaluate: Callable
+    reward_fns: dict
+    weights: list
+    pool: ScoringPool
+    writer: MetricsWriter
+    completions_path: Path
+
+    def close(self):
+        self.writer.close()
+        self.pool.close()
+
+
+def open_loop(run: Run, state: TrainState, start: int) -> Loop:
+    """Jitted step programs for ``state``'s shardings, the reward functions (one scoring pool) and the
+    metrics / completions logs (a resumed run keeps their rows up to ``start``)."""
+    cfg, tok = run.cfg, run.task.tokenizer
+    fns = build_step_fns(cfg, run.graphdef, run.optimizer, run.schedule, eos_id=tok.eos_token_id,
+                         pad_id=tok.pad_token_id, eval_rows=eval_batch_rows(cfg, len(run.task.test.answers)),
+                         placement=run.placement, state_shardings=tree_shardings(state, run.placement.mesh),
+                         stop=run.stop)
     pool = ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s)  # workers start on first use
-    evaluate = make_evaluator(fns.generate_eval, tok, task.test, cfg, pool)
-    reward_names = cfg.reward.reward_funcs
-    reward_fns = configured_rewards(reward_names, cfg.reward, pool)
-    weights = cfg.reward.reward_weights or [1.0] * len(reward_names)
+    names = cfg.reward.reward_funcs
     # Every host computes the same rows; hosts other than 0 keep theirs apart on a shared output_dir.
-    log_dir = out_dir if jax.process_index() == 0 else out_dir / "hosts" / str(jax.process_index())
-    writer = MetricsWriter(log_dir, tensorboard=True, resume_step=None if restored is None else start)
+    log_dir = run.out_dir if jax.process_index() == 0 else run.out_dir / "hosts" / str(jax.process_index())
+    writer = MetricsWriter(log_dir, tensorboard=True, resume_step=start or None)
     completions_path = log_dir / "completions.jsonl"
-    if restored is None:
-        completions_path.write_text("")
-    else:
+    if start:
         truncate_jsonl(completions_path, start)
+    else:
+        completions_path.write_text("")
+    return Loop(fns, make_evaluator(fns.generate_eval, tok, run.task.test, cfg, pool),
+                configured_rewards(names, cfg.reward, pool), cfg.reward.reward_weights or [1.0] * len(names), pool,
+                writer, completions_path)
 
-    def save_checkpoint(step: int, wait: bool = False) -> Path:
-        meta = {"step": step, "model": model_meta, "config": to_dict(cfg)}
-        train_state = {"step": state.step, "opt_state": state.opt_state, "guidance": state.guidance, "rng": state.rng}
-        return ckpt.save(step, state.params, train_state, iterator.state(), meta, wait=wait)
 
-    every = cfg.checkpoint.every_steps
+def rl_step(run: Run, loop: Loop, state: TrainState, step: int) -> tuple[TrainState, dict]:
+    """One G²RPO-A step: guided rollouts (jit), rewards (host), the update with the controller (jit);
+    returns the new state and the step's metrics row."""
+    t0 = time.perf_counter()
+    placement, tok = run.placement, run.task.tokenizer
+    length_used, ratio_used = int(state.guidance.length), float(state.guidance.ratio)
+    state, got = collect_rollouts(state, loop.fns.rollout, loop.fns.record, run.iterator, run.task.train, tok,
+                                  run.cfg, loop.weights, loop.reward_fns, placement=placement)
+    ro, idx, glen, rewards = got.rollout, got.idx, got.glen, got.rewards
+    mine = process_rows(placement.batch, len(idx))  # host rows -> global arrays on the mesh
+    batch = got.device_batch or global_batch({k: np.asarray(getattr(ro, k))[mine] for k in BATCH_KEYS},
+                                             placement.batch, len(idx))
+    state, m = loop.fns.update(state, batch, global_batch({"r": rewards[mine]}, placement.batch, len(idx))["r"],
+                               shard_state(np.float32(got.signal), placement.replicated))
+    guided = glen > 0
+    dt = time.perf_counter() - t0
+    row = {"step": step, **jax.device_get(m),
+           "reward/guided": split_mean(rewards, guided), "reward/unguided": split_mean(rewards, ~guided),
+           "guidance/length": length_used, "guidance/ratio": ratio_used,
+           "guidance/mean_prefix_tokens": float(glen[guided].mean()) if guided.any() else 0.0,
+           "guidance/frac_rows_guided": float(guided.mean()),
+           "completions/mean_length": float(np.asarray(ro.completion_length).mean()),
+           "completions/clipped_ratio": clipped_ratio(ro, tok.eos_token_id),
+           "rollouts/generated": got.num_rollouts, "rollouts/gen_batches": got.num_gen_batches,
+           "tokens_per_sec": got.num_generated_tokens / dt, "time/step": dt,
+           **{f"rewards/{name}/mean": float(values.mean()) for name, values in got.parts.items()}}
+    if should_eval(step, run.cfg):
+        row.update(loop.evaluate(state.params))
+    every = run.cfg.train.log_completions_every
+    if every and step % every == 0:
+        sample = sample_completions(step, [run.task.train.examples[i].prompt for i in idx], got.texts, rewards, glen)
+        with open(loop.completions_path, "a") as f:
+            f.writelines(json.dumps(s) + "\n" for s in sample)
+        log.info("step %d completions:\n%s", step, completions_table(sample))
+    return state, row
+
+
+def save_checkpoint(run: Run, ckpt, state: TrainState, step: int, wait: bool = False) -> Path:
+    meta = {"step": step, "model": run.model_meta, "config": to_dict(run.cfg)}
+    train_state = {"step": state.step, "opt_state": state.opt_state, "guidance": state.guidance, "rng": state.rng}
+    return ckpt.save(step, state.params, train_state, run.iterator.state(), meta, wait=wait)
+
+
+def report_step(cfg: Config, row: dict, bar) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(console_summary(row), refresh=False)
+    if cfg.train.log_every and row["step"] % cfg.train.log_every == 0 or "eval/accuracy" in row:
+        log.info("step %d: %s", row["step"], " ".join(f"{k}={v}" for k, v in console_summary(row).items()))
+
+
+def finish(run: Run, state: TrainState, first: dict, last: dict) -> None:
+    """The final params and summary.json of a run that reached train.max_steps."""
+    cfg = run.cfg
+    if cfg.checkpoint.save_final:
+        log.info("final params saved to %s", save_params(run.out_dir / "final" / "params", state.params))
+    summary = {"step0_eval_accuracy": first.get("eval/accuracy"), "final_eval_accuracy": last.get("eval/accuracy"),
+               "steps": cfg.train.max_steps, "output_dir": str(run.out_dir)}
+    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("done: held-out accuracy %s (step 0) -> %s (step %d); metrics in %s",
+             _fmt(summary["step0_eval_accuracy"]), _fmt(summary["final_eval_accuracy"]), cfg.train.max_steps,
+             run.out_dir / "metrics.jsonl")
+
+
+def train(cfg: Config, *, stop_after: int | None = None) -> dict:
+    """Run warm start (or its cache) and the RL stage, or resume them from the newest checkpoint;
+    return the first and last metrics rows and the final state ("preempted": the step after which a
+    signal stopped the run, else None). `stop_after=k` stops after step k as a signal would (a
+    checkpoint is saved), for tests and time-limited jobs."""
+    setup_logging()
+    maybe_initialize_distributed(cfg.mesh)  # before anything touches a device
+    run = prepare_run(cfg)
+    ckpt, restored = open_checkpoints(run)
+    (run.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    run.task.tokenizer.save_pretrained(run.out_dir / "tokenizer")
+    state, start = initial_state(run, ckpt, restored)
+    loop = open_loop(run, state, start)
     preempted = None
     try:
-        with StopSignals() as stop:
-            if restored is None:
-                first = writer.write({"step": 0, **evaluate(state.params)})
+        with StopSignals() as signals:
+            if start == 0:
+                first = loop.writer.write({"step": 0, **loop.evaluate(state.params)})
                 log.info("step 0 (warm start, before RL): held-out accuracy %.3f", first["eval/accuracy"])
             else:
-                first = next((row for row in writer.rows if row.get("step") == 0), {})
-            last = writer.rows[-1] if writer.rows else first
-            bar = None
-            if cfg.train.progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=cfg.train.max_steps, initial=start, desc="G²RPO-A", dynamic_ncols=True)
-            ds = task.train
+                first = next((row for row in loop.writer.rows if row.get("step") == 0), {})
+            last = loop.writer.rows[-1] if loop.writer.rows else first
+            bar = (tqdm(total=cfg.train.max_steps, initial=start, desc="G²RPO-A", dynamic_ncols=True)
+                   if cfg.train.progress else None)
             for step in range(start + 1, cfg.train.max_steps + 1):
-                t0 = time.perf_counter()
-                length_used, ratio_used = int(state.guidance.length), float(state.guidance.ratio)
-                state, got = collect_rollouts(state, fns.rollout, fns.record, iterator, ds, tok, cfg, weights, reward_fns,
-                                              placement=placement)
-                ro, idx, glen, rewards, parts, texts = got.rollout, got.idx, got.glen, got.rewards, got.parts, got.texts
-                mine = process_rows(placement.batch, len(idx))  # host rows -> global arrays on the mesh
-                batch = got.device_batch or global_batch({k: np.asarray(getattr(ro, k))[mine] for k in BATCH_KEYS},
-                                                         placement.batch, len(idx))
-                state, m = fns.update(state, batch, global_batch({"r": rewards[mine]}, placement.batch, len(idx))["r"],
-                                     shard_state(np.float32(got.signal), placement.replicated))
-                m = jax.device_get(m)
-                guided = glen > 0
-                dt = time.perf_counter() - t0
-                row = {"step": step, **{k: v for k, v in m.items()}}
-                row.update({
-                    "reward/guided": split_mean(rewards, guided), "reward/unguided": split_mean(rewards, ~guided),
-                    "guidance/length": length_used, "guidance/ratio": ratio_used,
-                    "guidance/mean_prefix_tokens": float(glen[guided].mean()) if guided.any() else 0.0,
-                    "guidance/frac_rows_guided": float(guided.mean()),
-                    "completions/mean_length": float(np.asarray(ro.completion_length).mean()),
-                    "completions/clipped_ratio": clipped_ratio(ro, tok.eos_token_id),
-                    "rollouts/generated": got.num_rollouts, "rollouts/gen_batches": got.num_gen_batches,
-                    "tokens_per_sec": got.num_generated_tokens / dt, "time/step": dt,
-                })
-                for name, values in parts.items():
-                    row[f"rewards/{name}/mean"] = float(values.mean())
-                if should_eval(step, cfg):
-                    row.update(evaluate(state.params))
-                last = writer.write(row)
-                every_c = cfg.train.log_completions_every
-                if every_c and step % every_c == 0:
-                    sample = sample_completions(step, [ds.examples[i].prompt for i in idx], texts, rewards, glen)
-                    with open(completions_path, "a") as f:
-                        f.writelines(json.dumps(s) + "\n" for s in sample)
-                    log.info("step %d completions:\n%s", step, completions_table(sample))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(console_summary(last), refresh=False)
-                if cfg.train.log_every and step % cfg.train.log_every == 0 or "eval/accuracy" in row:
-                    log.info("step %d: %s", step, " ".join(f"{k}={v}" for k, v in console_summary(last).items()))
-                if stop_after is not None and step >= stop_after and stop.received is None:
-                    stop.received = f"stop_after={stop_after}"
-                if stop.received is not None:
-                    path = save_checkpoint(step, wait=True)
+                state, row = rl_step(run, loop, state, step)
+                last = loop.writer.write(row)
+                report_step(cfg, last, bar)
+                if stop_after is not None and step >= stop_after and signals.received is None:
+                    signals.received = f"stop_after={stop_after}"
+                if signals.received is not None:
+                    path = save_checkpoint(run, ckpt, state, step, wait=True)
                     preempted = step
                     log.warning("stopped by %s after step %d of %d: checkpoint saved to %s; run again with "
-                                "--resume (train.resume=auto) to continue", stop.received, step,
+                                "--resume (train.resume=auto) to continue", signals.received, step,
                                 cfg.train.max_steps, path)
                     break
+                every = cfg.checkpoint.every_steps
                 if every and (step % every == 0 or step == cfg.train.max_steps):
-                    save_checkpoint(step)  # asynchronous: the next step runs while it is written
+                    save_checkpoint(run, ckpt, state, step)  # asynchronous: the next step runs while it is written
             if bar is not None:
                 bar.close()
     finally:
-        writer.close()
-        pool.close()
+        loop.close()
         ckpt.close()  # waits for an asynchronous save in flight
-    if preempted is not None:
-        return {"first": first, "last": last, "state": state, "preempted": preempted}
-    if cfg.checkpoint.save_final:
-        path = save_params(out_dir / "final" / "params", state.params)
-        log.info("final params saved to %s", path)
-    summary = {"step0_eval_accuracy": first.get("eval/accuracy"), "final_eval_accuracy": last.get("eval/accuracy"),
-               "steps": cfg.train.max_steps, "output_dir": str(out_dir)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("done: held-out accuracy %s (step 0) -> %s (step %d); metrics in %s",
-             _fmt(summary["step0_eval_accuracy"]), _fmt(summary["final_eval_accuracy"]), cfg.train.max_steps,
-             out_dir / "metrics.jsonl")
-    return {"first": first, "last": last, "state": state, "preempted": None}
+    if preempted is None:
+        finish(run, state, first, last)
+    return {"first": first, "last": last, "state": state, "preempted": preempted}
 
 
 def _fmt(value) -> str:

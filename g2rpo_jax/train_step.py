@@ -22,7 +22,7 @@ from g2rpo_jax.config import Config
 from g2rpo_jax.guidance import (GuidanceConfig, GuidanceState, guide_lengths, init_guidance_state, record_outcomes,
                                 update_guidance)
 from g2rpo_jax.logprobs import sequence_log_probs
-from g2rpo_jax.loss import effective_mask, group_advantages, loss_metrics, loss_parts, loss_sums
+from g2rpo_jax.loss import LossSettings, effective_mask, group_advantages, loss_metrics, loss_parts, loss_sums
 from g2rpo_jax.rollout import Rollout, SamplingParams, generate, generate_jit
 from g2rpo_jax.sharding import Placement, batch_divisor, jit_on_mesh, shard_state
 from g2rpo_jax.stop_strings import StopStrings
@@ -32,7 +32,7 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt_state: Any
-    ref_params: Any
+    ref_params: Any  # the frozen initial policy; None when loss.beta == 0 (no KL term to compute)
     guidance: GuidanceState
     rng: jax.Array
 
@@ -139,88 +139,119 @@ def micro_batches(tree, k: int):
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), tree)
 
 
-def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-                   loss_kwargs: dict, num_generations: int, num_iterations: int, scale_rewards: str,
-                   guidance_cfg: GuidanceConfig, max_completion_length: int, logprob_temperature: float = 1.0,
-                   gradient_accumulation_steps: int = 1, gradient_checkpointing: bool = False,
-                   scan_layers: bool = False, placement: Placement | None = None, state_shardings=None):
-    """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit.
+@dataclasses.dataclass(frozen=True)
+class UpdateSettings:
+    """Everything the update computes with besides the weights (`UpdateSettings.from_config`).
 
-    Policy, old and reference log-probs are all taken at `logprob_temperature` (the config's
-    `loss.logprob_temperature`: the rollout's sampling temperature, or 1.0 as the reference).
-    `gradient_accumulation_steps` k: the rows go through the model k micro-batches at a time (a
+    Log-probs are taken at ``logprob_temperature`` (`loss.logprob_temperature`). With
+    ``gradient_accumulation_steps`` k the rows go through the model k micro-batches at a time (a
     `lax.scan`), gradients summed, one optimizer step; loss, gradients and metrics equal the whole
-    batch's (bnpo: the mean of per-micro-batch token means, as TRL). `gradient_checkpointing`:
-    decoder layers are rematerialised in the backward pass. `scan_layers`: the decoder runs as one
-    `lax.scan` over its layers (compiles once per layer shape).
+    batch's (bnpo: the mean of per-micro-batch token means, as TRL). ``gradient_checkpointing``
+    rematerialises decoder layers in the backward pass; ``scan_layers`` runs the decoder as one
+    `lax.scan` over its layers. Completion tokens (guidance prefix + generated) only ever occupy the
+    last ``max_completion_length`` slots of a row (rollout.py's right-aligned layout), so the LM head
+    runs on those positions only."""
 
-    With a `placement`: batch rows and rewards sharded over (data, fsdp), metrics replicated."""
-    beta = loss_kwargs.get("beta", 0.0)
-    loss_type = loss_kwargs.get("loss_type", "grpo")
-    k = int(gradient_accumulation_steps)
-    # Completion tokens (guidance prefix + generated) only ever occupy the last
-    # max_completion_length slots of a rollout row (rollout.py's right-aligned layout), so the
-    # LM head runs on those positions only; earlier positions would be masked out of the loss anyway.
-    window = max_completion_length
+    loss: LossSettings
+    num_generations: int
+    max_completion_length: int
+    guidance: GuidanceConfig
+    num_iterations: int = 1
+    scale_rewards: str = "group"
+    logprob_temperature: float = 1.0
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    scan_layers: bool = False
 
-    def log_probs(params, mb, remat=False, with_entropy=False):
-        return sequence_log_probs(graphdef, params, mb["tokens"], mb["positions"], mb["attention_mask"], window,
-                                  logprob_temperature, remat=remat, with_entropy=with_entropy, scan=scan_layers)
+    @classmethod
+    def from_config(cls, cfg: Config) -> "UpdateSettings":
+        lc, o = cfg.loss, cfg.optim
+        loss = LossSettings(loss_type=lc.loss_type, beta=lc.beta, epsilon_low=lc.epsilon,
+                            epsilon_high=lc.epsilon if lc.epsilon_high is None else lc.epsilon_high,
+                            kl_estimator=lc.kl_estimator, guidance_loss=lc.guidance_loss,
+                            importance_gamma=lc.importance_gamma)
+        return cls(loss=loss, num_generations=cfg.rollout.num_generations,
+                   max_completion_length=cfg.data.max_guidance_length + cfg.rollout.max_completion_length,
+                   guidance=resolved_guidance(cfg), num_iterations=lc.num_iterations,
+                   scale_rewards=lc.scale_rewards, logprob_temperature=logprob_temperature(cfg),
+                   gradient_accumulation_steps=o.gradient_accumulation_steps,
+                   gradient_checkpointing=o.gradient_checkpointing, scan_layers=cfg.model.scan_layers)
 
-    def micro_loss(params, mb, old_logp, ref_logp, batch_denominator):
-        logp, entropy = log_probs(params, mb, gradient_checkpointing, with_entropy=True)
-        w = logp.shape[1]
-        sums = loss_sums(logp, old_logp, ref_logp, mb["advantages"], mb["completion_mask"][:, -w:],
-                         mb["guidance_mask"][:, -w:], max_completion_length=max_completion_length,
-                         entropy=entropy, **loss_kwargs)
-        # This micro-batch's share of the whole batch's loss (bnpo: TRL's per-micro-batch token mean).
-        den = k * sums["loss_denominator"] if loss_type == "bnpo" else batch_denominator
-        return sums["loss_numerator"] / jnp.maximum(den, 1.0), sums
 
-    def accumulate(params, micro, old_logp, ref_logp, batch_denominator):
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+def window_log_probs(graphdef, s: UpdateSettings, params, mb, remat=False, with_entropy=False):
+    """Log-probs of a (micro-)batch's completion window at the update's temperature."""
+    return sequence_log_probs(graphdef, params, mb["tokens"], mb["positions"], mb["attention_mask"],
+                              s.max_completion_length, s.logprob_temperature, remat=remat,
+                              with_entropy=with_entropy, scan=s.scan_layers)
 
-        def step(total, xs):
-            return jax.tree.map(jnp.add, total, grad_fn(params, *xs, batch_denominator)), None
 
-        first = jax.tree.map(lambda x: x[0], (micro, old_logp, ref_logp))
-        zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, *first,
-                                                                                   batch_denominator))
-        if state_shardings is not None:  # the running gradient sum lives sharded like the params
-            zero = (zero[0], jax.lax.with_sharding_constraint(zero[1], state_shardings.params))
-        return jax.lax.scan(step, zero, (micro, old_logp, ref_logp))[0]
+def micro_batch_loss(graphdef, s: UpdateSettings, params, mb, old_logp, ref_logp, batch_denominator):
+    """(this micro-batch's share of the whole batch's loss, its additive sums)."""
+    logp, entropy = window_log_probs(graphdef, s, params, mb, s.gradient_checkpointing, with_entropy=True)
+    w = logp.shape[1]
+    sums = loss_sums(logp, old_logp, ref_logp, mb["advantages"], mb["completion_mask"][:, -w:],
+                     mb["guidance_mask"][:, -w:], max_completion_length=s.max_completion_length,
+                     entropy=entropy, **s.loss.as_kwargs())
+    # bnpo: TRL's per-micro-batch token mean; every other aggregation: the whole batch's denominator
+    k = s.gradient_accumulation_steps
+    den = k * sums["loss_denominator"] if s.loss.loss_type == "bnpo" else batch_denominator
+    return sums["loss_numerator"] / jnp.maximum(den, 1.0), sums
+
+
+def accumulated_grads(graphdef, s: UpdateSettings, params, micro, old_logp, ref_logp, batch_denominator,
+                      param_shardings=None):
+    """((loss, sums), gradients) summed over the micro-batches (a `lax.scan`); the running sum is
+    sharded like the params when ``param_shardings`` is given."""
+    grad_fn = jax.value_and_grad(functools.partial(micro_batch_loss, graphdef, s), has_aux=True)
+
+    def step(total, xs):
+        return jax.tree.map(jnp.add, total, grad_fn(params, *xs, batch_denominator)), None
+
+    first = jax.tree.map(lambda x: x[0], (micro, old_logp, ref_logp))
+    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                        jax.eval_shape(grad_fn, params, *first, batch_denominator))
+    if param_shardings is not None:
+        zero = (zero[0], jax.lax.with_sharding_constraint(zero[1], param_shardings))
+    return jax.lax.scan(step, zero, (micro, old_logp, ref_logp))[0]
+
+
+def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                   s: UpdateSettings, *, placement: Placement | None = None, state_shardings=None):
+    """(state, rollout batch, rewards, controller signal) -> (state, metrics), all inside one jit:
+    reference and old log-probs, ``num_iterations`` optimizer updates of the GRPO loss, the guidance
+    controller's update. With a `placement`: batch rows and rewards sharded over (data, fsdp),
+    metrics replicated, the state donated."""
+    ni, k = s.num_iterations, s.gradient_accumulation_steps
+    param_shardings = None if state_shardings is None else state_shardings.params
 
     def update(state: TrainState, batch: dict, rewards, signal):
-        adv = group_advantages(rewards, num_generations, scale_rewards)
+        adv = group_advantages(rewards, s.num_generations, s.scale_rewards)
         rows = {key: batch[key] for key in BATCH_KEYS}
         micro = micro_batches(dict(rows, advantages=adv), k)
         # The whole batch's loss denominator (sequences or tokens) depends on the masks only.
-        w = min(window, rows["tokens"].shape[1] - 1)
-        mask = effective_mask(rows["completion_mask"][:, -w:], rows["guidance_mask"][:, -w:],
-                              loss_kwargs.get("guidance_loss", "train"))
-        batch_denominator = loss_parts(mask, mask, loss_type, max_completion_length)[1]
+        w = min(s.max_completion_length, rows["tokens"].shape[1] - 1)
+        mask = effective_mask(rows["completion_mask"][:, -w:], rows["guidance_mask"][:, -w:], s.loss.guidance_loss)
+        batch_denominator = loss_parts(mask, mask, s.loss.loss_type, s.max_completion_length)[1]
 
         def logp_of(params):  # [k, B / k, w], no gradient
-            return jax.lax.stop_gradient(jax.lax.map(lambda mb: log_probs(params, mb), micro))
+            return jax.lax.stop_gradient(jax.lax.map(lambda mb: window_log_probs(graphdef, s, params, mb), micro))
 
-        ref_logp = logp_of(state.ref_params) if beta > 0 else None
+        ref_logp = logp_of(state.ref_params) if s.loss.beta > 0 else None
         # With one update per batch the old policy is the current one (stop_gradient inside the loss).
-        old_logp = None if num_iterations == 1 else logp_of(state.params)
+        old_logp = None if ni == 1 else logp_of(state.params)
         params, opt_state = state.params, state.opt_state
-        for _ in range(num_iterations):
-            (loss, sums), grads = accumulate(params, micro, old_logp, ref_logp, batch_denominator)
+        for _ in range(ni):
+            (loss, sums), grads = accumulated_grads(graphdef, s, params, micro, old_logp, ref_logp,
+                                                    batch_denominator, param_shardings)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-        guidance = update_guidance(state.guidance, signal, guidance_cfg)
-        metrics = loss_metrics(sums)
-        metrics.update(group_reward_stats(rewards, num_generations))
-        metrics["loss"] = loss
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        # the rate of this step's last update (the optimizer has made num_iterations per earlier step)
-        metrics["learning_rate"] = schedule(state.step * num_iterations + num_iterations - 1)
-        metrics["advantages/abs_mean"] = jnp.mean(jnp.abs(adv))
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, guidance=guidance)
-        return new_state, metrics
+        metrics = {**loss_metrics(sums), **group_reward_stats(rewards, s.num_generations), "loss": loss,
+                   "grad_norm": optax.tree.norm(grads),
+                   # the rate of this step's last update (the optimizer made ni per earlier step)
+                   "learning_rate": schedule(state.step * ni + ni - 1),
+                   "advantages/abs_mean": jnp.mean(jnp.abs(adv))}
+        guidance = update_guidance(state.guidance, signal, s.guidance)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guidance=guidance), metrics
 
     if placement is None:
         return jax.jit(update, donate_argnums=(0,))
@@ -259,20 +290,13 @@ def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sc
 
 def init_train_state(cfg: Config, params, optimizer: optax.GradientTransformation, num_train: int) -> TrainState:
     """Step 0's state around `params`: fresh optimizer moments, the reference policy as a separate
-    copy (the update donates the state's buffers, and the reference stays frozen), the guidance
-    controller's initial state and the run's RNG. Works under `jax.eval_shape` (compile.py)."""
+    copy (the update donates the state's buffers, and the reference stays frozen; none with
+    ``loss.beta == 0``, which never reads it), the guidance controller's initial state and the run's
+    RNG. Works under `jax.eval_shape` (compile.py)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      ref_params=jax.tree.map(jnp.copy, params),
+                      ref_params=jax.tree.map(jnp.copy, params) if cfg.loss.beta > 0 else None,
                       guidance=init_guidance_state(resolved_guidance(cfg), num_train),
                       rng=jax.random.PRNGKey(cfg.train.seed))
-
-
-def loss_settings(cfg: Config) -> dict:
-    """The `loss` section as `loss_sums` keyword arguments (`epsilon_high` null = `epsilon`)."""
-    lc = cfg.loss
-    return dict(loss_type=lc.loss_type, beta=lc.beta, epsilon_low=lc.epsilon,
-                epsilon_high=lc.epsilon if lc.epsilon_high is None else lc.epsilon_high,
-                kl_estimator=lc.kl_estimator, guidance_loss=lc.guidance_loss, importance_gamma=lc.importance_gamma)
 
 
 def logprob_temperature(cfg: Config) -> float:
@@ -335,21 +359,15 @@ def build_step_fns(cfg: Config, graphdef, optimizer: optax.GradientTransformatio
     evaluation generate of `eval_rows` rows. With a `placement`: sharded as `state_shardings`
     and the mesh's batch axes, the state donated. ``stop``: `rollout.stop_strings` for the
     tokenizer (`stop_strings.stop_strings_for`); rollouts and evaluation both stop at them."""
-    r, lc = cfg.rollout, cfg.loss
+    r = cfg.rollout
     sampling = SamplingParams(max_new_tokens=r.max_completion_length, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, stop=stop)
     guidance_cfg = resolved_guidance(cfg)
     rollout = make_rollout_fn(graphdef, sampling, eos_id=eos_id, pad_id=pad_id, num_generations=r.num_generations,
                               per_prompt=guidance_cfg.per_prompt, micro_batches=r.generation_micro_batches,
                               placement=placement, state_shardings=state_shardings)
-    update = make_update_fn(graphdef, optimizer, schedule, loss_kwargs=loss_settings(cfg),
-                            num_generations=r.num_generations, num_iterations=lc.num_iterations,
-                            scale_rewards=lc.scale_rewards, guidance_cfg=guidance_cfg,
-                            max_completion_length=cfg.data.max_guidance_length + r.max_completion_length,
-                            logprob_temperature=logprob_temperature(cfg),
-                            gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-                            gradient_checkpointing=cfg.optim.gradient_checkpointing,
-                            scan_layers=cfg.model.scan_layers, placement=placement, state_shardings=state_shardings)
+    update = make_update_fn(graphdef, optimizer, schedule, UpdateSettings.from_config(cfg), placement=placement,
+                            state_shardings=state_shardings)
     record = make_record_fn(r.num_generations, None if state_shardings is None else state_shardings.guidance)
     greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True, stop=stop)
     generate_eval = make_generate_fn(graphdef, greedy, eos_id=eos_id, pad_id=pad_id, rows=eval_rows,

@@ -22,7 +22,8 @@ from g2rpo_jax.models import ModelConfig, init_model
 from g2rpo_jax.rollout import SamplingParams
 from g2rpo_jax.sharding import (Placement, gather_host, global_batch, maybe_initialize_distributed, per_device_bytes,
                                 process_rows, shard_state, to_host, tree_shardings)
-from g2rpo_jax.train_step import BATCH_KEYS, TrainState, make_optimizer, make_rollout_fn, make_update_fn
+from g2rpo_jax.loss import LossSettings
+from g2rpo_jax.train_step import BATCH_KEYS, TrainState, UpdateSettings, make_optimizer, make_rollout_fn, make_update_fn
 
 MESHES = ((8, 1, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2))
 ACCUMULATION_MESH = (2, 2, 2)
@@ -65,11 +66,10 @@ def run(placement: Placement | None, steps: int = STEPS, **update_kwargs):
     sampling = SamplingParams(max_new_tokens=6, temperature=1.0)
     kw = dict(placement=placement, state_shardings=shardings)
     rollout_fn = make_rollout_fn(graphdef, sampling, eos_id=EOS, pad_id=0, num_generations=G, **kw)
-    update_fn = make_update_fn(graphdef, optimizer, lambda _: LR, num_generations=G, num_iterations=1,
-                               scale_rewards="group", guidance_cfg=GUIDANCE, max_completion_length=GMAX + 6,
-                               loss_kwargs=dict(loss_type="grpo", beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
-                                                kl_estimator="k3", guidance_loss="train", importance_gamma=0.1),
-                               **kw, **update_kwargs)
+    update_fn = make_update_fn(graphdef, optimizer, lambda _: LR, UpdateSettings(
+        loss=LossSettings(loss_type="grpo", beta=0.04, epsilon_low=0.2, epsilon_high=0.2, kl_estimator="k3",
+                          guidance_loss="train", importance_gamma=0.1),
+        num_generations=G, max_completion_length=GMAX + 6, guidance=GUIDANCE, **update_kwargs), **kw)
     ids, mask, guide, glen, example = prompts()
     n = len(ids)
     losses, rewards_seen = [], []

@@ -210,3 +210,15 @@ def test_evaluation_stops_at_the_runs_stop_strings(tmp, full):
     cut = evaluate_run(str(run), out=str(tmp / "cut.jsonl"))
     got = [json.loads(line)["greedy_completion"] for line in Path(cut["results"]).read_text().splitlines()]
     assert got == [t[:t.index(stop) + len(stop)] if stop in t else t for t in texts]
+
+
+def test_beta_zero_run_saves_no_reference_and_resumes(tmp):
+    """loss.beta = 0: no reference copy in the state or on disk, and the run still resumes."""
+    cfg = load_config(CONFIG, overrides(tmp, "beta0", STEPS, "loss.beta=0", "train.max_steps=4"))
+    stopped = train(cfg, stop_after=2)
+    assert stopped["preempted"] == 2 and stopped["state"].ref_params is None
+    assert not (tmp / "beta0" / "checkpoints" / "reference").exists()
+    done = train(load_config(CONFIG, overrides(tmp, "beta0", STEPS, "loss.beta=0", "train.max_steps=4",
+                                               "train.resume=auto")))
+    assert done["preempted"] is None and int(done["state"].step) == 4 and done["state"].ref_params is None
+    assert "kl" not in done["last"]

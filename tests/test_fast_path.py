@@ -15,10 +15,10 @@ import pytest
 
 from g2rpo_jax.guidance import GuidanceConfig, init_guidance_state
 from g2rpo_jax.logprobs import head_log_probs, sequence_log_probs, token_log_probs, vocab_block
-from g2rpo_jax.loss import group_advantages, policy_loss
+from g2rpo_jax.loss import LossSettings, group_advantages, policy_loss
 from g2rpo_jax.models import ModelConfig, forward, init_model, lm_head_logits, lm_head_weight
 from g2rpo_jax.rollout import categorical_inverse_cdf
-from g2rpo_jax.train_step import TrainState, make_optimizer, make_update_fn
+from g2rpo_jax.train_step import TrainState, UpdateSettings, make_optimizer, make_update_fn
 
 V = 50
 CFG = ModelConfig(model_type="qwen2", vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -106,9 +106,9 @@ def test_update_loss_matches_unchunked_reference(temperature):
     opt = make_optimizer(schedule, max_grad_norm=0.0)
     kw = dict(loss_type="grpo", beta=0.04, epsilon_low=0.2, epsilon_high=0.2, kl_estimator="k3",
               guidance_loss="train")
-    update = make_update_fn(g, opt, schedule, loss_kwargs=kw, num_generations=2, num_iterations=1,
-                            scale_rewards="group", guidance_cfg=gcfg, max_completion_length=window,
-                            logprob_temperature=temperature)
+    update = make_update_fn(g, opt, schedule, UpdateSettings(
+        loss=LossSettings(**kw), num_generations=2, max_completion_length=window, guidance=gcfg,
+        logprob_temperature=temperature))
     ref_params = jax.tree.map(lambda x: x + 0.01, params)  # a reference that differs: KL > 0
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
                        ref_params=ref_params, guidance=init_guidance_state(gcfg), rng=jax.random.PRNGKey(0))
@@ -170,8 +170,9 @@ def _update_setup(loss_type="grpo", num_iterations=1, model_cfg=CFG, **update_kw
     opt = optax.sgd(schedule)  # params move by lr * gradient: equal params mean equal gradients
     kw = dict(loss_type=loss_type, beta=0.04, epsilon_low=0.2, epsilon_high=0.2, kl_estimator="k3",
               guidance_loss="train")
-    update = make_update_fn(g, opt, schedule, loss_kwargs=kw, num_generations=2, num_iterations=num_iterations,
-                            scale_rewards="group", guidance_cfg=gcfg, max_completion_length=window, **update_kwargs)
+    update = make_update_fn(g, opt, schedule, UpdateSettings(
+        loss=LossSettings(**kw), num_generations=2, max_completion_length=window, guidance=gcfg,
+        num_iterations=num_iterations, **update_kwargs))
     ref_params = jax.tree.map(lambda x: x + 0.01, params)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
                        ref_params=ref_params, guidance=init_guidance_state(gcfg), rng=jax.random.PRNGKey(0))
@@ -243,11 +244,11 @@ def test_logprob_temperature_switch_reaches_the_update(setting, expected, monkey
     seen = {}
     real = train_step.make_update_fn
     monkeypatch.setattr(train_step, "make_update_fn",
-                        lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+                        lambda *a, **kw: seen.update(settings=a[3]) or real(*a, **kw))
     g, _ = init_model(CFG, 0)
     optimizer, schedule = train_step.build_optimizer(cfg)
     train_step.build_step_fns(cfg, g, optimizer, schedule, eos_id=2, pad_id=0, eval_rows=2)
-    assert seen["logprob_temperature"] == expected
+    assert seen["settings"].logprob_temperature == expected
     with pytest.raises(ConfigError, match="logprob_temperature"):
         load_config(None, ["loss.logprob_temperature=0"])
     with pytest.raises(ConfigError, match="logprob_temperature"):

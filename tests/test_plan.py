@@ -76,3 +76,18 @@ def test_activations_by_hand_with_accumulation_and_checkpointing():
     # the gradient and optax's update tree; with accumulation also the running sum
     p = whole.parts["params (policy)"]
     assert (whole.parts["gradients (update)"], split.parts["gradients (update)"]) == (2 * p, 3 * p)
+
+
+def test_beta_zero_holds_no_reference_copy():
+    """loss.beta = 0 never reads the reference policy: the state holds none, the plan counts none."""
+    from g2rpo_jax.models import init_model
+    from g2rpo_jax.train_step import build_optimizer, init_train_state
+
+    cfg, zero = (load_config(None, [*TINY, "mesh.data=1", *extra]) for extra in ([], ["loss.beta=0"]))
+    with_ref, without = memory_plan(cfg, model_of(cfg), 1), memory_plan(zero, model_of(zero), 1)
+    p = with_ref.parts["params (policy)"]
+    assert with_ref.parts["reference policy"] == p and without.parts["reference policy"] == 0
+    assert with_ref.peak - without.peak == p
+    params = init_model(model_of(cfg), 0)[1]
+    assert init_train_state(zero, params, build_optimizer(zero)[0], 4).ref_params is None
+    assert init_train_state(cfg, params, build_optimizer(cfg)[0], 4).ref_params is not None

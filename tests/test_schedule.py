@@ -50,16 +50,17 @@ def test_logged_learning_rate_is_the_last_update_rate_of_the_step():
     """make_update_fn with num_iterations 2 and the schedule r(count) = 0.1 (count + 1): step s makes
     the updates of counts 2s and 2s + 1 and logs r(2s + 1)."""
     from g2rpo_jax.guidance import GuidanceConfig
-    from g2rpo_jax.train_step import make_update_fn
+    from g2rpo_jax.loss import LossSettings
+    from g2rpo_jax.train_step import UpdateSettings, make_update_fn
     from tests.test_fast_path import _update_setup
 
     _, state, batch, rewards, (graphdef, params, _, _, window) = _update_setup("grpo", num_iterations=2)
     schedule = lambda count: 0.1 * (count + 1)  # noqa: E731
     opt = optax.sgd(schedule)
     kw = dict(loss_type="grpo", beta=0.0, epsilon_low=0.2, epsilon_high=0.2, kl_estimator="k3", guidance_loss="train")
-    update = make_update_fn(graphdef, opt, schedule, loss_kwargs=kw, num_generations=2, num_iterations=2,
-                            scale_rewards="group", guidance_cfg=GuidanceConfig(schedule="fixed", ratio=0.0),
-                            max_completion_length=window)
+    update = make_update_fn(graphdef, opt, schedule, UpdateSettings(
+        loss=LossSettings(**kw), num_generations=2, max_completion_length=window,
+        guidance=GuidanceConfig(schedule="fixed", ratio=0.0), num_iterations=2))
     state = state.replace(opt_state=opt.init(params))
     for step in range(3):
         state, metrics = update(jax.tree.map(jnp.copy, state), batch, rewards, jnp.float32(0.0))

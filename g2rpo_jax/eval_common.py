@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 from math import comb
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from g2rpo_jax.checkpoint import load_newest_params, load_params, load_step_params, read_meta, step_dirs
 from g2rpo_jax.config import Config, config_from_dict, load_config
@@ -16,6 +17,19 @@ from g2rpo_jax.models import init_model
 from g2rpo_jax.rollout import SamplingParams
 from g2rpo_jax.setup import policy_tokenizer, resolve_model_config
 from g2rpo_jax.stop_strings import stop_strings_for
+
+
+def jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed row) of each non-blank line of a JSONL file; a line that is not JSON is an
+    error naming ``file:line``."""
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

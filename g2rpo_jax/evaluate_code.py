@@ -27,7 +27,7 @@ import numpy as np
 import jax
 
 from g2rpo_jax.data import Example, render_prompt, tokenize_examples
-from g2rpo_jax.eval_common import eval_sampling, load_run_policy, pass_at_k
+from g2rpo_jax.eval_common import eval_sampling, jsonl_rows, load_run_policy, pass_at_k
 from g2rpo_jax.rewards.code import assert_tests, extract_program, parse_tests, pass_fractions
 from g2rpo_jax.rewards.sandbox import SandboxLimits
 from g2rpo_jax.rollout import complete_prompts
@@ -61,21 +61,14 @@ def humaneval_question(problem: dict) -> str:
 def read_samples(path: str, problems: dict[str, dict]) -> list[dict]:
     """JSONL rows with task_id and completion; a clear error for a bad row or an unknown task."""
     rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) \
-                    or not isinstance(row.get("completion"), str):
-                raise ValueError(f"{path}:{line_no}: each row needs string fields 'task_id' and 'completion'")
-            if row["task_id"] not in problems:
-                raise ValueError(f"{path}:{line_no}: unknown task_id {row['task_id']!r}; HumanEval ids are "
-                                 "'HumanEval/0' .. 'HumanEval/163'")
-            rows.append(row)
+    for line_no, row in jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) \
+                or not isinstance(row.get("completion"), str):
+            raise ValueError(f"{path}:{line_no}: each row needs string fields 'task_id' and 'completion'")
+        if row["task_id"] not in problems:
+            raise ValueError(f"{path}:{line_no}: unknown task_id {row['task_id']!r}; HumanEval ids are "
+                             "'HumanEval/0' .. 'HumanEval/163'")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no samples")
     return rows

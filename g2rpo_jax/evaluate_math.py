@@ -48,7 +48,7 @@ from g2rpo_jax.config import ConfigError, DataConfig
 from g2rpo_jax.data import Example, render_prompt, tokenize_examples
 from g2rpo_jax.data.hf_tokenizer import load_tokenizer, prepare_tokenizer
 from g2rpo_jax.data.sources import _FILE_BUILDERS, _Missing, _read_hf, _text, answer_from_field, get_field
-from g2rpo_jax.eval_common import load_run_policy, majority_index, pass_at_k
+from g2rpo_jax.eval_common import jsonl_rows, load_run_policy, majority_index, pass_at_k
 from g2rpo_jax.models.gguf import load_gguf, smollm2_gguf_path
 from g2rpo_jax.models.hf import load_hf_dir
 from g2rpo_jax.models.transformer import get_config
@@ -140,23 +140,16 @@ def read_samples(path: str, num_problems: int) -> dict[int, list[str]]:
     error naming ``file:line``; every index scored needs the same number of rows."""
     groups: dict[int, list[str]] = {}
     first_line: dict[int, int] = {}
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
-            index = row.get("index") if isinstance(row, dict) else None
-            if not isinstance(index, int) or isinstance(index, bool) or not isinstance(row.get("completion"), str):
-                raise ValueError(f"{path}:{line_no}: each row needs an integer 'index' (a row of --data) and a "
-                                 "string 'completion'")
-            if not 0 <= index < num_problems:
-                raise ValueError(f"{path}:{line_no}: index {index} is out of range; --data has {num_problems} "
-                                 f"rows (0..{num_problems - 1})")
-            groups.setdefault(index, []).append(row["completion"])
-            first_line.setdefault(index, line_no)
+    for line_no, row in jsonl_rows(path):
+        index = row.get("index") if isinstance(row, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or not isinstance(row.get("completion"), str):
+            raise ValueError(f"{path}:{line_no}: each row needs an integer 'index' (a row of --data) and a "
+                             "string 'completion'")
+        if not 0 <= index < num_problems:
+            raise ValueError(f"{path}:{line_no}: index {index} is out of range; --data has {num_problems} "
+                             f"rows (0..{num_problems - 1})")
+        groups.setdefault(index, []).append(row["completion"])
+        first_line.setdefault(index, line_no)
     if not groups:
         raise ValueError(f"{path}: no samples")
     counts = collections.Counter(len(v) for v in groups.values())

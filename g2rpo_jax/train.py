@@ -366,7 +366,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     if restored is None:
         start = 0
         # placed first: the warm start then runs (and is cached) on the mesh like everything else
-        params = warm_start(cfg, model_cfg, tok, graphdef, shard_state(params, tree_shardings(params, placement.mesh)))
+        params = warm_start(cfg, model_cfg, tok, graphdef, shard_state(params, tree_shardings(params, placement.mesh)),
+                            placement)
         state = init_train_state(cfg, params, optimizer, len(task.train))
         ckpt.save_reference(state.ref_params)  # the initial policy, once: every resume restores it
     else:

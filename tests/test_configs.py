@@ -171,7 +171,8 @@ def test_config_runs_one_step(name, tmp_runs):
 def test_real_model_configs_are_the_expected_ones():
     recipes = {"smollm2_gsm_symbolic", "qwen3_0.6b_math", "qwen3_1.7b_math", "qwen3_0.6b_code", "qwen3_1.7b_code",
                "qwen3_8b_math"}
-    sft = {"sft_smollm2_gsm_symbolic"}
+    sft = {f"sft_{r}" for r in ("smollm2_gsm_symbolic", "qwen3_0.6b_math", "qwen3_1.7b_math", "qwen3_0.6b_code",
+                                "qwen3_1.7b_code")}
     assert set(REAL_MODEL) == recipes | sft and set(SFT_BASELINES) == sft
 
 

@@ -260,12 +260,12 @@ def warm_start(cfg, model_cfg, tokenizer, graphdef, params, placement=None):
                              gradient_accumulation_steps=ws.gradient_accumulation_steps,
                              remat=cfg.optim.gradient_checkpointing, scan=cfg.model.scan_layers, placement=placement,
                              losses_out=losses)
-    log.info("warm start: %d SFT steps of %d rows in %.1fs; loss %.4f at step 1, %.4f over the last %d steps",
-             ws.steps, min(ws.batch_size, len(arrays["input_ids"])), time.time() - t0, losses[0], loss,
-             min(20, len(losses)))
+    log.info("warm start: %d SFT steps of %d rows in %.1fs; loss %.4f at step 1, %.4f at step %d, %.4f over the "
+             "last %d steps", ws.steps, min(ws.batch_size, len(arrays["input_ids"])), time.time() - t0, losses[0],
+             losses[-1], len(losses), loss, min(20, len(losses)))
     if ws.use_cache:
         save_params(path / "params", params)
         (path / "info.json").write_text(json.dumps({"loss": loss, "first_loss": losses[0], "steps": ws.steps,
-                                                    "key": key}))
+                                                    "key": key, "losses": losses}))
         log.info("warm start: cached at %s", path)
     return params

@@ -212,14 +212,14 @@ def test_smollm2_sft_config_runs_through_the_sweep(tmp_path, capsys):
     code = sweep.main(["--configs", str(CONFIGS / "sft_smollm2_gsm_symbolic.yaml"), "--seeds", "0", "--out", str(out),
                        "--output-root", str(root), *SMOL_TINY, "warm_start.steps=2", "warm_start.batch_size=2",
                        f"warm_start.cache_dir={tmp_path / 'cache'}", "eval.num_problems=2", "eval.batch_size=2",
-                       "model.scan_layers=true",  # SFT compiles one layer, not 30
                        "eval.max_new_tokens=16", "checkpoint.save_final=false"])
     assert code == 0
     run = root / "sft_smollm2_gsm_symbolic" / "seed0"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0] and 0.0 <= rows[0]["eval/accuracy"] <= 1.0  # SFT, then one evaluation
     (info,) = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/info.json")]
-    assert info["steps"] == 2 and np.isfinite(info["loss"]) and info["first_loss"] > 0
+    assert info["steps"] == 2 and np.isfinite(info["loss"]) and info["first_loss"] == info["losses"][0] > 0
+    assert len(info["losses"]) == 2
     err = capsys.readouterr().err
     assert "warm start: SFT on 6 train-split traces of reasoning_gym gsm_symbolic" in err
     assert "SFT 2x2 (train-split traces)" in (out / "replication.md").read_text()

@@ -92,7 +92,7 @@ def hf_rows():
     rows = [{"problem": f"what is {i} plus {i}", "solution": f"so \\boxed{{{2 * i}}}",
              "generations": [f"{i}+{i}={2 * i};#{2 * i}", "another trace"]} for i in range(10)]
     rows[3]["generations"] = []
-    rows[5]["generations"] = [f"5+5=10;" * 6 + "#10"]  # 43 tokens: over data.max_guidance_length=40
+    rows[5]["generations"] = ["5+5=10;" * 6 + "#10"]  # 45 tokens: over data.max_guidance_length=40
     return rows
 
 

@@ -158,15 +158,21 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class WarmStartConfig:
-    """Supervised stage on easy problems' solutions (the paper's SFT baseline)."""
+    """Supervised stage before RL, also the paper's SFT baseline (g2rpo_jax/warm_start.py): the embedded
+    task's easy problems, or the train split's guidance traces with any other data.source."""
 
     enabled: bool = True
     steps: int = 400
     batch_size: int = 64
     learning_rate: float = 1e-3
-    num_examples: int = 4000
-    min_steps: int = 1
+    # embedded: problems generated (null: 4000); other sources: at most this many train rows with a
+    # trace, in the train split's order (null or -1: every one)
+    num_examples: Optional[int] = None
+    min_steps: int = 1  # embedded only: the generated problems' step range
     max_steps: int = 2
+    # the batch goes through the model this many micro-batches at a time (gradients summed, one
+    # optimizer step); optim.gradient_checkpointing and model.scan_layers apply to SFT too
+    gradient_accumulation_steps: int = 1
     cache_dir: str = "~/.cache/g2rpo_jax/warm_start"
     use_cache: bool = True
 
@@ -351,6 +357,12 @@ def _build(raw: dict) -> Config:
         sections[name] = cls(**kwargs)
     cfg = Config(**sections)
     validate(cfg)
+    ws = raw.get("warm_start") or {}
+    if cfg.data.source != "embedded" and cfg.warm_start.enabled and "learning_rate" not in ws:
+        # the defaults are sized for the embedded task's random init: 1e-3 would wreck a pretrained model
+        raise ConfigError(f"warm_start.enabled=true with data.source={cfg.data.source}: set warm_start.learning_rate "
+                          "(and warm_start.steps, warm_start.batch_size) for this model, e.g. 1e-5 for a pretrained "
+                          "one (configs/sft_*.yaml), or set warm_start.enabled=false")
     return cfg
 
 
@@ -401,12 +413,20 @@ def validate(cfg: Config) -> None:
     else:
         check(bool(d.dataset_name), f"data.dataset_name is required with data.source={d.source} (hf: a hub id or "
               "local file(s) or directory; reasoning_gym: a generator such as gsm_symbolic; tfds: a builder name)")
-        check(not cfg.warm_start.enabled, f"warm_start.enabled=true needs data.source=embedded (it trains on "
-              f"generated embedded problems); set warm_start.enabled=false with data.source={d.source}")
         check(d.num_train >= 1 or (d.num_train == -1 and d.source in ("hf", "tfds", "code_cot")),
               "data.num_train must be >= 1 (or -1 for every row, with data.source=hf, tfds or code_cot)")
         check(d.num_train == -1 or r.prompts_per_step <= d.num_train,
               "rollout.prompts_per_step must be <= data.num_train")
+    ws = cfg.warm_start
+    if ws.enabled:
+        check(ws.steps >= 0 and ws.batch_size >= 1 and ws.learning_rate > 0,
+              "warm_start.steps must be >= 0, warm_start.batch_size >= 1 and warm_start.learning_rate > 0")
+        check(ws.num_examples is None or ws.num_examples >= 1 or (ws.num_examples == -1 and d.source != "embedded"),
+              "warm_start.num_examples must be >= 1 or null (-1: every train row, with a data.source other than "
+              "embedded)")
+        k = ws.gradient_accumulation_steps
+        check(k >= 1 and ws.batch_size % k == 0, f"warm_start.gradient_accumulation_steps={k} must be >= 1 and "
+              f"divide warm_start.batch_size={ws.batch_size}")
     m = cfg.mesh
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(m, axis)

@@ -13,8 +13,10 @@ against step, one line per method, mean over seeds).
   `data` or `eval` sections differ. It warns when the RL configs' rollout budgets
   (prompts_per_step x num_generations x max_steps) differ.
 - `--max-steps N` sets `train.max_steps=N` for every config with RL steps; an SFT-only config
-  (`train.max_steps: 0`) keeps 0 and gets `warm_start.steps` = default.yaml's warm-start steps plus
-  one SFT step per batch of N x prompts x rollouts, the same budget as an N-step RL run.
+  (`train.max_steps: 0`, e.g. `sft`, `sft_smollm2_gsm_symbolic`) keeps 0 and gets `warm_start.steps` =
+  its RL recipe's warm-start steps plus one SFT step per `warm_start.batch_size` of the recipe's N x
+  prompts x rollouts, the same budget as an N-step RL run. The RL recipe is the config its first line
+  names (`# differs from smollm2_gsm_symbolic.yaml in: ...`), else default.yaml.
 - Resumable: a run whose `summary.json` exists (written only when a run completes) is skipped, unless
   the `config.yaml` saved in it differs from the config the sweep would run now (then it is rerun).
   A run stopped part-way (Ctrl-C / SIGTERM save a checkpoint) with the same settings continues from
@@ -34,6 +36,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -99,17 +102,33 @@ def run_overrides(path: Path, seed: int, out: Path, overrides: list[str], max_st
         if cfg.train.max_steps > 0:
             extra.append(f"train.max_steps={max_steps}")
         elif cfg.warm_start.enabled:
-            extra.append(f"warm_start.steps={sft_steps_at_equal_budget(cfg, max_steps, overrides)}")
+            extra.append(f"warm_start.steps={sft_steps_at_equal_budget(cfg, max_steps, overrides, rl_recipe(path))}")
     return [*overrides, *extra, f"train.seed={seed}", f"train.output_dir={out}", "train.progress=false"]
 
 
-def sft_steps_at_equal_budget(sft_cfg, rl_steps: int, overrides: list[str]) -> int:
-    """SFT steps for an SFT-only config matching an RL run of `rl_steps` steps of default.yaml: its
-    warm-start steps plus one SFT step per `warm_start.batch_size` rollouts of RL (configs/sft.yaml
-    states the same rule for the default 200 steps)."""
-    rl = load_config(str(resolve_config_path("default")), overrides)
+_BASE_HEADER = re.compile(r"^# differs from (\S+\.ya?ml) in:")
+
+
+def rl_recipe(path: Path) -> Path:
+    """The RL config an SFT-only config is a copy of: the file its first line names (`# differs from
+    X.yaml in: ...`, next to it), else default.yaml."""
+    try:
+        match = _BASE_HEADER.match(Path(path).read_text().splitlines()[0])
+    except (OSError, IndexError):
+        match = None
+    if match and (Path(path).parent / match.group(1)).is_file():
+        return Path(path).parent / match.group(1)
+    return resolve_config_path("default")
+
+
+def sft_steps_at_equal_budget(sft_cfg, rl_steps: int, overrides: list[str], recipe: Optional[Path] = None) -> int:
+    """SFT steps for an SFT-only config matching an RL run of `rl_steps` steps of its RL recipe
+    (`recipe`, default.yaml when None): the recipe's warm-start steps plus one SFT step per
+    `warm_start.batch_size` rollouts of RL (configs/sft.yaml states the same rule for the default 200 steps)."""
+    rl = load_config(str(recipe or resolve_config_path("default")), overrides)
     rollouts = rl_steps * rl.rollout.prompts_per_step * rl.rollout.num_generations
-    return rl.warm_start.steps + math.ceil(rollouts / sft_cfg.warm_start.batch_size)
+    warm = rl.warm_start.steps if rl.warm_start.enabled else 0
+    return warm + math.ceil(rollouts / sft_cfg.warm_start.batch_size)
 
 
 def is_done(out: Path, expected: Optional[dict] = None) -> tuple[bool, list[str]]:
@@ -263,7 +282,9 @@ def _budget_text(cfg: Optional[dict]) -> str:
         r, t = cfg["rollout"], cfg["train"]
         n = r["prompts_per_step"] * r["num_generations"] * t["max_steps"]
         sft = cfg.get("warm_start", {})
-        warm = f"; SFT {sft['steps']}x{sft['batch_size']} ({sft['min_steps']}-{sft['max_steps']} step problems)" \
+        what = f"{sft['min_steps']}-{sft['max_steps']} step problems" \
+            if cfg.get("data", {}).get("source", "embedded") == "embedded" else "train-split traces"
+        warm = f"; SFT {sft['steps']}x{sft['batch_size']} ({what})" \
             if sft.get("enabled", True) and sft.get("steps", 0) > 0 else ""
         return f"{t['max_steps']} steps x {r['prompts_per_step']}x{r['num_generations']} = {n}{warm}"
     except (KeyError, TypeError):

@@ -296,7 +296,7 @@ def initial_state(run: Run, ckpt, restored) -> tuple[TrainState, int]:
     if restored is None:
         # placed first: the warm start then runs (and is cached) on the mesh like everything else
         params = warm_start(cfg, run.model_cfg, run.task.tokenizer, run.graphdef,
-                            shard_state(run.params, tree_shardings(run.params, mesh)))
+                            shard_state(run.params, tree_shardings(run.params, mesh)), run.placement)
         state = init_train_state(cfg, params, run.optimizer, len(run.task.train))
         if state.ref_params is not None:
             ckpt.save_reference(state.ref_params)  # the initial policy, once: every resume restores it

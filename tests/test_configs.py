@@ -3,7 +3,9 @@ in the keys its header names (configs are full copies of default.yaml: this keep
 
 Real-model configs (those with model.model_name_or_path) are not variants of default.yaml: the hub-id
 ones (the paper's Qwen3 recipes) cannot run offline, so they are only loaded, validated and checked
-against SPEC section 8; the SmolLM2 one runs one step from the shipped GGUF with smaller lengths."""
+against SPEC section 8; the SmolLM2 one runs one step from the shipped GGUF with smaller lengths. Their
+SFT baselines (sft_<recipe>.yaml) are full copies of their RL recipe, differing only in the keys their
+header names; the SmolLM2 one runs in tests/test_warm_start.py."""
 
 import json
 import re
@@ -23,7 +25,8 @@ REAL_MODEL = [c for c in ALL_CONFIGS
               if (yaml.safe_load((CONFIG_DIR / f"{c}.yaml").read_text()).get("model") or {}).get("model_name_or_path")]
 CONFIGS = [c for c in ALL_CONFIGS if c not in REAL_MODEL]  # the embedded task: default.yaml and its variants
 VARIANTS = [c for c in CONFIGS if c != "default"]
-HEADER = re.compile(r"^# differs from default\.yaml in: (.*)$")
+SFT_BASELINES = [c for c in REAL_MODEL if c.startswith("sft_")]  # sft_<recipe>.yaml: SFT of a real-model recipe
+HEADER = re.compile(r"^# differs from (\S+)\.yaml in: (.*)$")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -36,12 +39,25 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def header_keys(path: Path) -> set[str]:
+def header(path: Path) -> tuple[str, set[str]]:
+    """(the base config's name, the keys that differ from it) from the first line."""
     first = path.read_text().splitlines()[0]
     match = HEADER.match(first)
-    assert match, f"{path.name}: the first line must be '# differs from default.yaml in: a.b, c.d'"
-    text = match.group(1).strip()
-    return set() if text in ("", "nothing") else {k.strip() for k in text.split(",")}
+    assert match, f"{path.name}: the first line must be '# differs from <base>.yaml in: a.b, c.d'"
+    text = match.group(2).strip()
+    return match.group(1), set() if text in ("", "nothing") else {k.strip() for k in text.split(",")}
+
+
+def header_keys(path: Path) -> set[str]:
+    base, keys = header(path)
+    assert base == "default", f"{path.name}: an embedded-task config is a copy of default.yaml"
+    return keys
+
+
+def differing_keys(base: str, name: str) -> set[str]:
+    a = flatten(yaml.safe_load((CONFIG_DIR / f"{base}.yaml").read_text()))
+    b = flatten(yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()))
+    return {k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")}
 
 
 def test_every_baseline_of_the_spec_has_a_config():
@@ -51,12 +67,9 @@ def test_every_baseline_of_the_spec_has_a_config():
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_config_differs_from_default_only_in_its_header_keys(name):
-    default = flatten(yaml.safe_load((CONFIG_DIR / "default.yaml").read_text()))
-    variant = flatten(yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()))
-    differing = {k for k in set(default) | set(variant) if default.get(k, "<absent>") != variant.get(k, "<absent>")}
-    assert differing == header_keys(CONFIG_DIR / f"{name}.yaml")
+    assert differing_keys("default", name) == header_keys(CONFIG_DIR / f"{name}.yaml")
     # each run writes to its own directory, so trying a config never overwrites another one's run
-    assert variant["train.output_dir"] == f"runs/{name}"
+    assert load_config(str(CONFIG_DIR / f"{name}.yaml")).train.output_dir == f"runs/{name}"
 
 
 def test_configs_set_what_their_method_changes():
@@ -156,8 +169,36 @@ def test_config_runs_one_step(name, tmp_runs):
 
 
 def test_real_model_configs_are_the_expected_ones():
-    assert set(REAL_MODEL) == {"smollm2_gsm_symbolic", "qwen3_0.6b_math", "qwen3_1.7b_math", "qwen3_0.6b_code",
-                               "qwen3_1.7b_code", "qwen3_8b_math"}
+    recipes = {"smollm2_gsm_symbolic", "qwen3_0.6b_math", "qwen3_1.7b_math", "qwen3_0.6b_code", "qwen3_1.7b_code",
+               "qwen3_8b_math"}
+    sft = {f"sft_{r}" for r in ("smollm2_gsm_symbolic", "qwen3_0.6b_math", "qwen3_1.7b_math", "qwen3_0.6b_code",
+                                "qwen3_1.7b_code")}
+    assert set(REAL_MODEL) == recipes | sft and set(SFT_BASELINES) == sft
+
+
+@pytest.mark.parametrize("name", SFT_BASELINES)
+def test_sft_baseline_is_its_rl_recipe_with_sft_at_equal_budget(name):
+    """SPEC section 7: SFT on the same traces (the recipe's data section, untouched), evaluated on the same
+    problems (its eval section), with the RL recipe's budget: as many optimizer steps and sequences per step
+    (plus the recipe's own warm start, if any), which is also what the sweep gives it for --max-steps."""
+    from g2rpo_jax.sweep import rl_recipe, sft_steps_at_equal_budget
+
+    base, keys = header(CONFIG_DIR / f"{name}.yaml")
+    assert base == name.removeprefix("sft_") and rl_recipe(CONFIG_DIR / f"{name}.yaml") == CONFIG_DIR / f"{base}.yaml"
+    assert differing_keys(base, name) == keys
+    assert {k.split(".")[0] for k in keys} == {"warm_start", "train"}  # data, eval, model, optim: the recipe's
+    assert {"train.max_steps", "train.output_dir", "warm_start.enabled"} <= keys
+    sft, rl = load_config(str(CONFIG_DIR / f"{name}.yaml")), load_config(str(CONFIG_DIR / f"{base}.yaml"))
+    assert sft.train.max_steps == 0 and sft.train.output_dir == f"runs/{name}"
+    ws = sft.warm_start
+    assert ws.enabled and ws.num_examples is None  # every train row with a trace
+    assert ws.batch_size == rl.rollout.prompts_per_step * rl.rollout.num_generations
+    assert ws.steps == rl.train.max_steps + (rl.warm_start.steps if rl.warm_start.enabled else 0)
+    assert ws.steps == sft_steps_at_equal_budget(sft, rl.train.max_steps, [], CONFIG_DIR / f"{base}.yaml")
+    assert ws.learning_rate <= 1e-4  # a pretrained model: not the embedded task's 1e-3
+    if rl.optim.gradient_accumulation_steps > 1:  # the recipe's rows per micro-batch (one per device on 8)
+        per_micro = rl.rollout.prompts_per_step * rl.rollout.num_generations // rl.optim.gradient_accumulation_steps
+        assert ws.batch_size // ws.gradient_accumulation_steps == per_micro
 
 
 @pytest.mark.parametrize("name,hub_id", [("qwen3_0.6b_math", "Qwen/Qwen3-0.6B"), ("qwen3_1.7b_math", "Qwen/Qwen3-1.7B"),

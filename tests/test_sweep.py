@@ -210,3 +210,22 @@ def test_unknown_config_is_a_one_line_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "no_such_method" in err and "grpo" in err
+
+
+def test_sweep_sizes_a_real_model_sft_baseline_by_its_own_rl_recipe(fake_train, tmp_path):
+    """An SFT-only config of a real-model recipe (train.max_steps 0) runs in a sweep; --max-steps gives it the
+    budget of its RL recipe (the config its header names), not default.yaml's: the recipe has no warm start and
+    2 prompts x 4 rollouts per step, so 3 RL steps are 3 SFT steps of 8 traces."""
+    root, out = tmp_path / "runs", tmp_path / "results"
+    assert sweep.rl_recipe(ROOT / "configs" / "sft_smollm2_gsm_symbolic.yaml") == \
+        ROOT / "configs" / "smollm2_gsm_symbolic.yaml"
+    assert sweep.rl_recipe(ROOT / "configs" / "sft.yaml") == ROOT / "configs" / "default.yaml"
+    code = sweep.main(["--configs", "smollm2_gsm_symbolic", "sft_smollm2_gsm_symbolic", "--seeds", "0", "--out",
+                       str(out), "--output-root", str(root), "--max-steps", "3", "--jax-cache", "none"])
+    assert code == 0
+    cfgs = {p.parent.name: c for p, c in fake_train}
+    assert cfgs["smollm2_gsm_symbolic"].train.max_steps == 3
+    sft = cfgs["sft_smollm2_gsm_symbolic"]
+    assert (sft.train.max_steps, sft.warm_start.steps, sft.warm_start.batch_size) == (0, 3, 8)
+    text = (out / "replication.md").read_text()
+    assert "SFT 3x8 (train-split traces)" in text and "3 steps x 2x4 = 24" in text

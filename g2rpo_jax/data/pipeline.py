@@ -28,6 +28,7 @@ class TokenizedDataset:
     difficulty: np.ndarray  # [N] int32
     examples: list  # the source Example objects
     dropped: dict = dataclasses.field(default_factory=dict)  # reason -> rows skipped (on_error="skip")
+    truncated: np.ndarray | None = None  # [N] bool: the trace was cut to max_guidance_length (truncate_guidance)
 
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
@@ -106,7 +107,7 @@ def tokenize_examples(
         for i, toks in zip(fallback, alone):
             guide_tok[i] = toks
 
-    keep, long_prompts, long_traces = [], [], []
+    keep, long_prompts, long_traces, cut = [], [], [], set()
     for i, (p, g) in enumerate(zip(prompt_tok, guide_tok)):
         bad = False
         if len(p) > max_prompt_length:
@@ -120,6 +121,7 @@ def tokenize_examples(
             bad = True
         if len(g) > max_guidance_length and truncate_guidance:
             guide_tok[i] = g = g[:max_guidance_length]
+            cut.add(i)
         if len(g) > max_guidance_length:
             if on_error == "raise":
                 raise ValueError(
@@ -172,11 +174,20 @@ def tokenize_examples(
         difficulty=difficulty,
         examples=[examples[i] for i in keep],
         dropped={k: v for k, v in dropped.items() if v},
+        truncated=np.array([i in cut for i in keep], bool),
     )
+
+
+def sft_lengths(ds: TokenizedDataset) -> np.ndarray:
+    """[N] tokens of each `sft_arrays` row: prompt + trace + EOS (no EOS after a truncated trace)."""
+    eos = np.ones(len(ds), np.int64) if ds.truncated is None else (~ds.truncated).astype(np.int64)
+    return ds.prompt_mask.sum(1) + ds.guide_len + eos
 
 
 def sft_arrays(ds: TokenizedDataset, eos_id: int, pad_id: int, max_length: int) -> dict[str, np.ndarray]:
     """Arrays for the supervised warm start: prompt + full trace + EOS, RIGHT-padded to ``max_length``.
+    A trace that `tokenize_examples` truncated (``truncate_guidance``) gets no EOS: the model must not
+    learn to stop where the cut fell.
 
     Returns ``input_ids`` [N, L] int32, ``attention_mask`` [N, L] bool, ``loss_mask`` [N, L] bool
     (True where the token is a target: every trace token and the EOS; a model's logits at t-1 predict
@@ -189,15 +200,17 @@ def sft_arrays(ds: TokenizedDataset, eos_id: int, pad_id: int, max_length: int) 
     for i in range(n):
         p = ds.prompt_ids[i][ds.prompt_mask[i]]
         g = ds.guide_ids[i, : ds.guide_len[i]]
-        total = len(p) + len(g) + 1
+        eos = ds.truncated is None or not ds.truncated[i]
+        total = len(p) + len(g) + eos
         if total > max_length:
             raise ValueError(
-                f"example {i}: prompt ({len(p)}) + trace ({len(g)}) + EOS is {total} tokens, longer "
-                f"than the SFT max_length={max_length}; raise max_length to at least {total}"
+                f"example {i}: prompt ({len(p)}) + trace ({len(g)}){' + EOS' if eos else ''} is {total} tokens, "
+                f"longer than the SFT max_length={max_length}; raise max_length to at least {total}"
             )
         input_ids[i, : len(p)] = p
-        input_ids[i, len(p) : total - 1] = g
-        input_ids[i, total - 1] = eos_id
+        input_ids[i, len(p) : len(p) + len(g)] = g
+        if eos:
+            input_ids[i, total - 1] = eos_id
         attention_mask[i, :total] = True
         loss_mask[i, len(p) : total] = True
     positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int32)

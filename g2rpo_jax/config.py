@@ -366,14 +366,14 @@ def _build(raw: dict) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks, each failing with one line naming the key to change."""
+def check(ok: bool, msg: str) -> None:
+    """Raise a ConfigError with ``msg`` (one line naming the key to change) unless ``ok``."""
+    if not ok:
+        raise ConfigError(msg)
 
-    def check(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
 
-    r, d = cfg.rollout, cfg.data
+def _validate_rollout(cfg: Config) -> None:
+    r = cfg.rollout
     check(r.num_generations >= 2, "rollout.num_generations must be >= 2 (group advantages need a spread)")
     check(r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
     check(r.max_completion_length >= 1, "rollout.max_completion_length must be >= 1")
@@ -385,6 +385,11 @@ def validate(cfg: Config) -> None:
     check(r.generation_micro_batches >= 1 and r.prompts_per_step % r.generation_micro_batches == 0,
           f"rollout.generation_micro_batches={r.generation_micro_batches} must be >= 1 and divide "
           f"rollout.prompts_per_step={r.prompts_per_step} (each micro-batch generates whole groups)")
+
+
+def _validate_steps(cfg: Config) -> None:
+    """The step loop, checkpoints, accumulation and loss."""
+    r = cfg.rollout
     check(cfg.train.max_steps >= 0, "train.max_steps must be >= 0")
     check(cfg.train.log_completions_every >= 0, "train.log_completions_every must be >= 0 (0 = off)")
     check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = off)")
@@ -400,6 +405,10 @@ def validate(cfg: Config) -> None:
         check(value in registry, f"config key 'loss.{key}': got {value!r}, expected one of {', '.join(map(repr, registry))}")
     check(cfg.loss.logprob_temperature == "rollout" or cfg.loss.logprob_temperature > 0,
           "loss.logprob_temperature must be 'rollout' or a number > 0")
+
+
+def _validate_data(cfg: Config) -> None:
+    r, d = cfg.rollout, cfg.data
     check(d.num_test >= 1, "data.num_test must be >= 1 (held-out problems for evaluation)")
     check(d.source != "embedded" or not d.test_dataset_name, "data.test_dataset_name needs a data.source other "
           "than embedded")
@@ -417,6 +426,10 @@ def validate(cfg: Config) -> None:
               "data.num_train must be >= 1 (or -1 for every row, with data.source=hf, tfds or code_cot)")
         check(d.num_train == -1 or r.prompts_per_step <= d.num_train,
               "rollout.prompts_per_step must be <= data.num_train")
+
+
+def _validate_warm_start(cfg: Config) -> None:
+    d = cfg.data
     ws = cfg.warm_start
     if ws.enabled:
         check(ws.steps >= 0 and ws.batch_size >= 1 and ws.learning_rate > 0,
@@ -427,11 +440,17 @@ def validate(cfg: Config) -> None:
         k = ws.gradient_accumulation_steps
         check(k >= 1 and ws.batch_size % k == 0, f"warm_start.gradient_accumulation_steps={k} must be >= 1 and "
               f"divide warm_start.batch_size={ws.batch_size}")
+
+
+def _validate_mesh(cfg: Config) -> None:
     m = cfg.mesh
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(m, axis)
         check(size == -1 or size >= 1, f"mesh.{axis}={size}: give a positive size or -1 (all remaining devices)")
     check([m.data, m.fsdp, m.tensor].count(-1) <= 1, "at most one of mesh.data/mesh.fsdp/mesh.tensor may be -1")
+
+
+def _validate_reward(cfg: Config) -> None:
     w = cfg.reward
     unknown = [n for n in w.reward_funcs if n not in REWARD_FUNCS]
     check(not unknown, f"reward.reward_funcs: unknown {unknown}; available: {', '.join(sorted(REWARD_FUNCS))}")
@@ -451,6 +470,13 @@ def validate(cfg: Config) -> None:
         w.controller_signal in w.reward_funcs,
         f"reward.controller_signal '{w.controller_signal}' is not one of reward.reward_funcs {w.reward_funcs}",
     )
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks, each failing with one line naming the key to change."""
+    for section_checks in (_validate_rollout, _validate_steps, _validate_data, _validate_warm_start,
+                           _validate_mesh, _validate_reward):
+        section_checks(cfg)
     try:
         cfg.guidance.validate()
     except ValueError as e:

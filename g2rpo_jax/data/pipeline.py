@@ -51,6 +51,93 @@ def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def trace_tokens(tokenizer, prompts: list[str], guidances: list[str], prompt_tok: list[list[int]]) -> list[list[int]]:
+    """Each guidance trace's tokens in the assistant turn's context: ``encode(prompt + guidance)``
+    minus the prompt's tokens."""
+    joint_tok = _encode_batch(tokenizer, [p + g for p, g in zip(prompts, guidances)])
+    guide_tok: list[list[int] | None] = [None] * len(prompts)
+    fallback = []
+    for i, (p, j) in enumerate(zip(prompt_tok, joint_tok)):
+        if j[: len(p)] == p:
+            guide_tok[i] = j[len(p):]
+        else:
+            fallback.append(i)
+    if fallback:
+        # A merge across the prompt/trace boundary (possible with BPE when the header's last token
+        # can merge with the trace's first characters) means the prompt's tokens are not a prefix of
+        # the joint encoding. The rollout feeds prompt tokens then trace tokens, so the trace must be
+        # a token sequence that starts on a clean boundary: encode it alone.
+        alone = _encode_batch(tokenizer, [guidances[i] for i in fallback])
+        for i, toks in zip(fallback, alone):
+            guide_tok[i] = toks
+    return guide_tok
+
+
+def rows_within_limits(prompt_tok, guide_tok, max_prompt_length: int, max_guidance_length: int, on_error: str,
+                       truncate_guidance: bool):
+    """(rows kept, rows with a long prompt, rows with a long trace, rows whose trace was cut): a row
+    over a limit raises with ``on_error="raise"``; ``truncate_guidance`` cuts a long trace (in
+    ``guide_tok``, in place) instead of dropping its row."""
+    keep, long_prompts, long_traces, cut = [], [], [], set()
+    for i, (p, g) in enumerate(zip(prompt_tok, guide_tok)):
+        bad = False
+        if len(p) > max_prompt_length:
+            if on_error == "raise":
+                raise ValueError(
+                    f"example {i}: the rendered prompt is {len(p)} tokens, longer than "
+                    f"data.max_prompt_length={max_prompt_length}; raise data.max_prompt_length to at "
+                    f"least {len(p)} (or drop such rows with on_error='skip')"
+                )
+            long_prompts.append(i)
+            bad = True
+        if len(g) > max_guidance_length and truncate_guidance:
+            guide_tok[i] = g = g[:max_guidance_length]
+            cut.add(i)
+        if len(g) > max_guidance_length:
+            if on_error == "raise":
+                raise ValueError(
+                    f"example {i}: the guidance trace is {len(g)} tokens, longer than "
+                    f"data.max_guidance_length={max_guidance_length}; raise data.max_guidance_length "
+                    f"to at least {len(g)} (or drop such rows with on_error='skip')"
+                )
+            long_traces.append(i)
+            bad = True
+        if not bad:
+            keep.append(i)
+    return keep, long_prompts, long_traces, cut
+
+
+def _packed(examples, keep, prompt_tok, guide_tok, max_prompt_length: int, max_guidance_length: int, pad_id: int,
+            dropped: dict, cut: set) -> TokenizedDataset:
+    """The kept rows as fixed-shape arrays: prompts left-padded, traces right-padded."""
+    n = len(keep)
+    prompt_ids = np.full((n, max_prompt_length), pad_id, np.int32)
+    prompt_mask = np.zeros((n, max_prompt_length), bool)
+    guide_ids = np.full((n, max_guidance_length), pad_id, np.int32)
+    guide_len = np.zeros((n,), np.int32)
+    difficulty = np.zeros((n,), np.int32)
+    for row, i in enumerate(keep):
+        p, g = prompt_tok[i], guide_tok[i]
+        if p:
+            prompt_ids[row, -len(p):] = p
+            prompt_mask[row, -len(p):] = True
+        guide_ids[row, : len(g)] = g
+        guide_len[row] = len(g)
+        d = getattr(examples[i], "difficulty", None)
+        difficulty[row] = 0 if d is None else int(d)
+    return TokenizedDataset(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        guide_ids=guide_ids,
+        guide_len=guide_len,
+        answers=[str(examples[i].answer) for i in keep],
+        difficulty=difficulty,
+        examples=[examples[i] for i in keep],
+        dropped={k: v for k, v in dropped.items() if v},
+        truncated=np.array([i in cut for i in keep], bool),
+    )
+
+
 def tokenize_examples(
     examples: Sequence[Any],
     tokenizer,
@@ -89,50 +176,10 @@ def tokenize_examples(
     prompts = [render_prompt(tokenizer, ex.prompt, system_prompt, enable_thinking) for ex in examples]
     guidances = [ex.guidance if ex.guidance is not None else "" for ex in examples]
     prompt_tok = _encode_batch(tokenizer, prompts)
-    joint_tok = _encode_batch(tokenizer, [p + g for p, g in zip(prompts, guidances)])
+    guide_tok = trace_tokens(tokenizer, prompts, guidances, prompt_tok)
 
-    guide_tok: list[list[int] | None] = [None] * len(examples)
-    fallback = []
-    for i, (p, j) in enumerate(zip(prompt_tok, joint_tok)):
-        if j[: len(p)] == p:
-            guide_tok[i] = j[len(p):]
-        else:
-            fallback.append(i)
-    if fallback:
-        # A merge across the prompt/trace boundary (possible with BPE when the header's last token
-        # can merge with the trace's first characters) means the prompt's tokens are not a prefix of
-        # the joint encoding. The rollout feeds prompt tokens then trace tokens, so the trace must be
-        # a token sequence that starts on a clean boundary: encode it alone.
-        alone = _encode_batch(tokenizer, [guidances[i] for i in fallback])
-        for i, toks in zip(fallback, alone):
-            guide_tok[i] = toks
-
-    keep, long_prompts, long_traces, cut = [], [], [], set()
-    for i, (p, g) in enumerate(zip(prompt_tok, guide_tok)):
-        bad = False
-        if len(p) > max_prompt_length:
-            if on_error == "raise":
-                raise ValueError(
-                    f"example {i}: the rendered prompt is {len(p)} tokens, longer than "
-                    f"data.max_prompt_length={max_prompt_length}; raise data.max_prompt_length to at "
-                    f"least {len(p)} (or drop such rows with on_error='skip')"
-                )
-            long_prompts.append(i)
-            bad = True
-        if len(g) > max_guidance_length and truncate_guidance:
-            guide_tok[i] = g = g[:max_guidance_length]
-            cut.add(i)
-        if len(g) > max_guidance_length:
-            if on_error == "raise":
-                raise ValueError(
-                    f"example {i}: the guidance trace is {len(g)} tokens, longer than "
-                    f"data.max_guidance_length={max_guidance_length}; raise data.max_guidance_length "
-                    f"to at least {len(g)} (or drop such rows with on_error='skip')"
-                )
-            long_traces.append(i)
-            bad = True
-        if not bad:
-            keep.append(i)
+    keep, long_prompts, long_traces, cut = rows_within_limits(prompt_tok, guide_tok, max_prompt_length,
+                                                              max_guidance_length, on_error, truncate_guidance)
     dropped = {f"prompt over data.max_prompt_length={max_prompt_length}": len(long_prompts),
                f"guidance over data.max_guidance_length={max_guidance_length}": len(long_traces)}
     if len(keep) < len(examples) and warn:
@@ -149,33 +196,7 @@ def tokenize_examples(
             f"data.max_prompt_length={max_prompt_length}, {len(long_traces)} traces over "
             f"data.max_guidance_length={max_guidance_length}); raise those limits"
         )
-
-    n = len(keep)
-    prompt_ids = np.full((n, max_prompt_length), pad_id, np.int32)
-    prompt_mask = np.zeros((n, max_prompt_length), bool)
-    guide_ids = np.full((n, max_guidance_length), pad_id, np.int32)
-    guide_len = np.zeros((n,), np.int32)
-    difficulty = np.zeros((n,), np.int32)
-    for row, i in enumerate(keep):
-        p, g = prompt_tok[i], guide_tok[i]
-        if p:
-            prompt_ids[row, -len(p):] = p
-            prompt_mask[row, -len(p):] = True
-        guide_ids[row, : len(g)] = g
-        guide_len[row] = len(g)
-        d = getattr(examples[i], "difficulty", None)
-        difficulty[row] = 0 if d is None else int(d)
-    return TokenizedDataset(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        guide_ids=guide_ids,
-        guide_len=guide_len,
-        answers=[str(examples[i].answer) for i in keep],
-        difficulty=difficulty,
-        examples=[examples[i] for i in keep],
-        dropped={k: v for k, v in dropped.items() if v},
-        truncated=np.array([i in cut for i in keep], bool),
-    )
+    return _packed(examples, keep, prompt_tok, guide_tok, max_prompt_length, max_guidance_length, pad_id, dropped, cut)
 
 
 def sft_lengths(ds: TokenizedDataset) -> np.ndarray:

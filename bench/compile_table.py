@@ -59,7 +59,7 @@ def compare(before: dict, after: dict) -> str:
 
 def replan(path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from g2rpo_jax.compile import git_commit
+    from g2rpo_jax.metrics import git_commit
     from g2rpo_jax.config import load_config
     from g2rpo_jax.plan import memory_plan
     from g2rpo_jax.policy import architecture_only

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from jax.experimental import topologies
 
 from g2rpo_jax.config import Config, ConfigError, load_config
 from g2rpo_jax.models import init_model
+from g2rpo_jax.metrics import git_commit
 from g2rpo_jax.models.hf import abstract_model
 from g2rpo_jax.plan import format_bytes, memory_plan
 from g2rpo_jax.policy import architecture_only
@@ -344,16 +344,6 @@ def format_report(report: dict) -> str:
                  "program's time from FLOPs counted from the shapes and decode's weight and KV-cache reads, at the "
                  "chip's published bf16 peak and HBM bandwidth: not a measurement.")
     return "\n".join(lines)
-
-
-def git_commit() -> str | None:
-    """The checkout's commit, for the report's provenance (None outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def build_parser() -> argparse.ArgumentParser:

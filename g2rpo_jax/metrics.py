@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 from typing import Optional
 
@@ -101,6 +102,25 @@ def read_metrics(path: str | Path) -> list[dict]:
         if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
             rows.append(row)
     return rows
+
+
+def git_commit() -> Optional[str]:
+    """The code's commit for a report's provenance: the short hash, noted when the checkout has
+    uncommitted changes; None outside a git checkout."""
+    cwd = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head} (with uncommitted changes)" if dirty and head else head or None
+
+
+def format_number(x: Optional[float], digits: int = 3) -> str:
+    """``x`` with ``digits`` decimals, or "n/a" for None (a metric a run never logged)."""
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def finite(value) -> Optional[float]:

@@ -8,6 +8,7 @@ held-out accuracy, frac_reward_zero_std, guidance length and KL. Uses matplotlib
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -26,13 +27,35 @@ PLOTS = (
 )
 
 
-def plot_run(output_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write the PNGs for a run directory; return their paths (a figure with no data is skipped)."""
+@contextlib.contextmanager
+def figure(path: Path, title: str, xlabel: str, ylabel: str, *, size=(6.4, 4.0), dpi: int = 100,
+           legend: bool = True, title_size=None, legend_size=None, ylim=None):
+    """A matplotlib Axes to draw on; on exit the figure gets its labels, grid and legend and is
+    written to ``path`` as PNG (the one figure layout of `g2rpo plot` and the sweep's plots)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    try:
+        yield ax
+        ax.set_title(title, fontsize=title_size)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        if legend:
+            ax.legend(fontsize=legend_size)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+
+
+def plot_run(output_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the PNGs for a run directory; return their paths (a figure with no data is skipped)."""
     run = Path(output_dir)
     metrics = run / "metrics.jsonl"
     if not metrics.exists():
@@ -47,20 +70,10 @@ def plot_run(output_dir: str | Path, out_dir: str | Path | None = None) -> list[
         data = [d for d in data if d[1]]
         if not data:
             continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-        for label, xs, ys in data:
-            ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if len(data) > 1:
-            ax.legend()
-        fig.tight_layout()
-        path = target / name
-        fig.savefig(path, format="png")
-        plt.close(fig)
-        written.append(path)
+        with figure(target / name, title, "step", ylabel, legend=len(data) > 1) as ax:
+            for label, xs, ys in data:
+                ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2, label=label)
+        written.append(target / name)
     return written
 
 

@@ -34,11 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,26 +44,18 @@ from typing import Optional
 import yaml
 
 from g2rpo_jax.config import ConfigError, config_differences, load_config, to_dict
-from g2rpo_jax.metrics import read_metrics, series
+from g2rpo_jax.metrics import format_number, git_commit
 from g2rpo_jax.setup import setup_logging
+from g2rpo_jax.sweep_report import build_table, collect, machine_info, run_dir, write_plots, write_report
 from g2rpo_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("grpo", "guided_fixed", "linear_decay", "g2rpo_a", "g2rpo_a_reference", "sft", "clip_higher",
                    "g2rpo_a_adaptive_ratio", "g2rpo_a_per_prompt", "g2rpo_a_dynamic_sampling")
-ZERO_STD_STEPS = 20  # frac_reward_zero_std is averaged over RL steps 1..ZERO_STD_STEPS
 # Keys of the run's config that the sweep sets itself, and keys that do not change results.
 _SWEEP_KEYS = ("train.seed", "train.output_dir", "train.progress")
 _IGNORED_FOR_SKIP = ("train.output_dir", "train.progress", "train.resume", "train.log_every",
                      "train.log_completions_every")
-PLOTS = (  # file, metric, y label, smoothed
-    ("heldout_accuracy.png", "eval/accuracy", "held-out accuracy (greedy)", False),
-    ("train_reward.png", "reward", "training reward (mean over rollouts)", True),
-    ("frac_reward_zero_std.png", "frac_reward_zero_std", "frac_reward_zero_std", True),
-    ("guidance_length.png", "guidance/length", "guidance length L (tokens; 0 = no guided rollouts)", False),
-)
-
-
 def _say(msg: str) -> None:
     print(f"[sweep] {msg}", file=sys.stderr, flush=True)
 
@@ -88,10 +77,6 @@ def resolve_config_path(name: str) -> Path:
 
 def config_label(name: str) -> str:
     return Path(name).stem if name.endswith((".yaml", ".yml")) else name
-
-
-def run_dir(output_root: str | Path, label: str, seed: int) -> Path:
-    return Path(output_root) / label / f"seed{seed}"
 
 
 def run_overrides(path: Path, seed: int, out: Path, overrides: list[str], max_steps: Optional[int]) -> list[str]:
@@ -185,300 +170,6 @@ def rollout_budget(cfg) -> int:
     return cfg.rollout.prompts_per_step * cfg.rollout.num_generations * cfg.train.max_steps
 
 
-def git_commit(cwd: Path = ROOT) -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head} (with uncommitted changes)" if dirty else head
-
-
-def machine_info() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import jax
-
-        jax_part = f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s): " \
-                   f"{jax.devices()[0].device_kind})"
-    except Exception:  # noqa: BLE001 - the machine line must never fail a sweep
-        jax_part = "jax not importable"
-    return f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {jax_part}"
-
-
-# ---------------------------------------------------------------- reading runs
-
-
-def run_stats(rows: list[dict]) -> dict:
-    """Per-run numbers for the table."""
-    acc = series(rows, "eval/accuracy")
-    zero = [v for s, v in series(rows, "frac_reward_zero_std").items() if 1 <= s <= ZERO_STD_STEPS]
-    return {
-        "step0": acc.get(0),
-        "final": acc[max(acc)] if acc else None,
-        "final_step": max(acc) if acc else None,
-        "zero_std_first": sum(zero) / len(zero) if zero else None,
-        "rl_steps": max((int(r["step"]) for r in rows), default=0),
-        # every rollout generated, dropped ones included (dynamic sampling draws extra batches)
-        "rollouts": sum(int(r.get("rollouts/generated", 0)) for r in rows),
-    }
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def collect(output_root: str | Path, labels: list[str], seeds: list[int]) -> dict:
-    """{label: {"runs": {seed: {...}}, "missing": [seeds]}} from the finished run directories."""
-    methods = {}
-    for label in labels:
-        runs, missing = {}, []
-        for seed in seeds:
-            out = run_dir(output_root, label, seed)
-            if not (out / "summary.json").is_file():
-                missing.append(seed)
-                continue
-            rows = read_metrics(out / "metrics.jsonl")
-            saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
-            runs[seed] = {"rows": rows, "stats": run_stats(rows), "config": saved,
-                          "sweep": _read_json(out / "sweep_run.json")}
-        methods[label] = {"runs": runs, "missing": missing}
-    return methods
-
-
-# ---------------------------------------------------------------- table
-
-
-def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
-    """Mean and sample standard deviation (ddof=1; None with fewer than 2 values)."""
-    if not values:
-        return None, None
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
-def _f(x: Optional[float], digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def _budget_text(cfg: Optional[dict]) -> str:
-    if not cfg:
-        return "unknown (no config.yaml in the run directory)"
-    try:
-        r, t = cfg["rollout"], cfg["train"]
-        n = r["prompts_per_step"] * r["num_generations"] * t["max_steps"]
-        sft = cfg.get("warm_start", {})
-        what = f"{sft['min_steps']}-{sft['max_steps']} step problems" \
-            if cfg.get("data", {}).get("source", "embedded") == "embedded" else "train-split traces"
-        warm = f"; SFT {sft['steps']}x{sft['batch_size']} ({what})" \
-            if sft.get("enabled", True) and sft.get("steps", 0) > 0 else ""
-        return f"{t['max_steps']} steps x {r['prompts_per_step']}x{r['num_generations']} = {n}{warm}"
-    except (KeyError, TypeError):
-        return "unknown (config.yaml lacks rollout/train keys)"
-
-
-def build_table(methods: dict, baseline: Optional[str] = "grpo") -> str:
-    """The markdown table (and a differences-vs-baseline table) for `collect`'s result."""
-    lines = [
-        "| method | seeds | final held-out accuracy, mean ± std | min | max | per seed | step-0 accuracy (mean) "
-        f"| frac_reward_zero_std, steps 1-{ZERO_STD_STEPS} (mean) | final step | RL rollouts generated (mean) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    summary = {}
-    for label, m in methods.items():
-        runs = m["runs"]
-        seeds = sorted(runs)
-        finals = [runs[s]["stats"]["final"] for s in seeds if runs[s]["stats"]["final"] is not None]
-        step0 = [runs[s]["stats"]["step0"] for s in seeds if runs[s]["stats"]["step0"] is not None]
-        zero = [runs[s]["stats"]["zero_std_first"] for s in seeds if runs[s]["stats"]["zero_std_first"] is not None]
-        mean, std = mean_std(finals)
-        summary[label] = (mean, std, len(finals))
-        steps = sorted({runs[s]["stats"]["final_step"] for s in seeds if runs[s]["stats"]["final_step"] is not None})
-        seed_text = ", ".join(str(s) for s in seeds) or "none"
-        if m["missing"]:
-            seed_text += f" (missing: {', '.join(str(s) for s in m['missing'])})"
-        per_seed = ", ".join(_f(runs[s]["stats"]["final"]) for s in seeds) or "n/a"
-        acc_text = "n/a" if mean is None else (f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}")
-        lines.append(
-            f"| {label} | {seed_text} | {acc_text} | {_f(min(finals) if finals else None)} | "
-            f"{_f(max(finals) if finals else None)} | {per_seed} | {_f(mean_std(step0)[0])} | "
-            f"{_f(mean_std(zero)[0])} | {', '.join(str(s) for s in steps) or 'n/a'} | "
-            f"{_f(mean_std([runs[s]['stats']['rollouts'] for s in seeds])[0], 0)} |")
-    lines += ["", "Std is the sample standard deviation over seeds (n-1 in the denominator). Final accuracy is "
-              "the last evaluation of each run (greedy decoding, no guidance, the same held-out problems for "
-              f"every run); step 0 is the model before RL. frac_reward_zero_std is the fraction of groups whose "
-              f"rewards all tie (no learning signal), averaged over RL steps 1-{ZERO_STD_STEPS}; n/a for runs "
-              "without RL steps."]
-    if baseline in summary and summary[baseline][0] is not None and len(summary) > 1:
-        b_mean, b_std, b_n = summary[baseline]
-        lines += ["", f"Difference of final held-out accuracy from `{baseline}` (mean difference; spread = "
-                  "sqrt(std_a²/n_a + std_b²/n_b), the standard error of the difference):", "",
-                  "| method | difference | spread |", "|---|---|---|"]
-        for label, (mean, std, n) in summary.items():
-            if label == baseline or mean is None:
-                continue
-            spread = None if std is None or b_std is None else math.sqrt(std ** 2 / n + b_std ** 2 / b_n)
-            lines.append(f"| {label} | {mean - b_mean:+.3f} | {_f(spread)} |")
-    lines += ["", "Rollout budget per run (RL steps x prompts x rollouts; warm-start / SFT stage):", ""]
-    for label, m in methods.items():
-        budgets = sorted({_budget_text(r["config"]) for r in m["runs"].values()}) or ["no finished run"]
-        lines.append(f"- `{label}`: {'; '.join(budgets)}")
-    return "\n".join(lines)
-
-
-def provenance(methods: dict) -> dict:
-    """Commits, machines, commands and summed wall time recorded by the runs (sweep_run.json)."""
-    commits, machines, commands, wall, unknown, resumed = set(), set(), set(), 0.0, 0, 0
-    for m in methods.values():
-        for r in m["runs"].values():
-            info = r["sweep"]
-            if "wall_s" not in info:
-                unknown += 1
-                continue
-            wall += float(info["wall_s"])
-            resumed += bool(info.get("resumed"))
-            commits.add(info.get("commit", "unknown"))
-            machines.add(info.get("machine", "unknown"))
-            commands.add(info.get("command", "unknown"))
-    return {"commits": sorted(commits), "machines": sorted(machines), "commands": sorted(commands),
-            "wall_s": wall, "runs_without_timing": unknown, "resumed_runs": resumed}
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
-
-
-def write_report(out: Path, methods: dict, command: str, *, invocation_s: Optional[float] = None,
-                 plots: list[str] = (), smooth: int = 1, baseline: Optional[str] = "grpo") -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    prov = provenance(methods)
-    lines = ["# Replication: GRPO vs guided GRPO vs G²RPO-A on the embedded task", "",
-             "Written by `g2rpo_jax/sweep.py`; do not edit by hand (rerun the command below, or add "
-             "`--plots-only` to rewrite this page from the run directories).", "", build_table(methods, baseline), ""]
-    if plots:
-        lines += ["## Plots", "",
-                  "One line per method, mean over seeds at each step"
-                  + (f" (training reward and frac_reward_zero_std smoothed with a {smooth}-step moving average)"
-                     if smooth > 1 else "")
-                  + "; held-out accuracy with the min-max band over seeds. A method without RL steps (SFT only) "
-                  "is a dashed horizontal line at its accuracy. Guidance length is 0 where no rollout is guided.",
-                  ""]
-        for p in plots:
-            lines += [f"![{p}]({p})", ""]
-    lines += ["## How this was produced", "", f"- command (this page): `{command}`"]
-    run_cmds = [c for c in prov["commands"] if c != command]
-    if run_cmds:
-        lines.append("- runs produced by: " + "; ".join(f"`{c}`" for c in run_cmds))
-    lines += [f"- commit: {', '.join(prov['commits']) or git_commit()}",
-              f"- machine: {'; '.join(prov['machines']) or machine_info()}",
-              f"- wall time of the runs (sum of the recorded runs, warm start and evaluation included): "
-              f"{_duration(prov['wall_s'])}" + (f"; {prov['runs_without_timing']} run(s) without a recorded time"
-                                               if prov["runs_without_timing"] else "")
-              + (f"; {prov['resumed_runs']} run(s) resumed from a checkpoint count only the part after it"
-                 if prov["resumed_runs"] else "")]
-    if invocation_s is not None:
-        lines.append(f"- wall time of this invocation (skipped runs cost nothing): {_duration(invocation_s)}")
-    path = out / "replication.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-# ---------------------------------------------------------------- plots
-
-
-def _moving_average(values: list[float], window: int) -> list[float]:
-    if window <= 1:
-        return list(values)
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
-
-
-def mean_curve(runs: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Steps, mean, min and max over the runs that logged `key` at each step."""
-    per_step: dict[int, list[float]] = {}
-    for rows in runs:
-        for step, value in series(rows, key).items():
-            per_step.setdefault(step, []).append(value)
-    steps = sorted(per_step)
-    return (steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], [min(per_step[s]) for s in steps],
-            [max(per_step[s]) for s in steps])
-
-
-def write_plots(out: Path, methods: dict, smooth: Optional[int] = None) -> tuple[list[str], int]:
-    """The PNG plots; returns (file names, smoothing window used)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    last_step = max((r["stats"]["rl_steps"] for m in methods.values() for r in m["runs"].values()), default=0)
-    if smooth is None:
-        smooth = max(1, last_step // 30)
-    written = []
-    for fname, key, ylabel, smoothed in PLOTS:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        drew = False
-        for i, (label, m) in enumerate(methods.items()):
-            rows = [r["rows"] for r in m["runs"].values()]
-            if not rows:
-                continue
-            color = f"C{i % 10}"
-            steps, mean, lo, hi = mean_curve(rows, key)
-            rl = [s for s in steps if s > 0] if key != "eval/accuracy" else steps
-            if key == "eval/accuracy" and steps and max(steps) == 0:  # no RL steps (SFT only)
-                ax.axhline(mean[0], color=color, linestyle="--", label=f"{label} (no RL)")
-                drew = True
-                continue
-            if not rl:
-                continue
-            keep = [steps.index(s) for s in rl]
-            xs, ys = rl, [mean[j] for j in keep]
-            if smoothed:
-                ys = _moving_average(ys, smooth)
-            ax.plot(xs, ys, color=color, label=label, marker="o" if key == "eval/accuracy" else None,
-                    markersize=3)
-            if key == "eval/accuracy" and len(rows) > 1:
-                ax.fill_between(xs, [lo[j] for j in keep], [hi[j] for j in keep], color=color, alpha=0.15)
-            drew = True
-        ax.set_xlabel("RL step")
-        ax.set_ylabel(ylabel)
-        if key in ("eval/accuracy", "reward", "frac_reward_zero_std"):
-            ax.set_ylim(-0.02, 1.02)
-        title = ylabel + (f" ({smooth}-step moving average)" if smoothed and smooth > 1 else "")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        if drew:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        written.append(fname)
-    return written, smooth
-
-
 # ---------------------------------------------------------------- running
 
 
@@ -502,7 +193,7 @@ def run_sweep(entries: list[tuple[str, Path]], seeds: list[int], output_root: Pa
     budgets = {label: rollout_budget(cfg) for label, seed, _, cfg in plan if seed == seeds[0] and cfg.train.max_steps}
     if len(set(budgets.values())) > 1:
         _say("warning: unequal RL rollout budgets: " + ", ".join(f"{k}={v}" for k, v in budgets.items()))
-    commit, machine = git_commit(), machine_info()
+    commit, machine = git_commit() or "unknown", machine_info()
     trained = skipped = 0
     for i, (label, seed, out, cfg) in enumerate(plan, 1):
         done, diff = is_done(out, to_dict(cfg))
@@ -527,8 +218,8 @@ def run_sweep(entries: list[tuple[str, Path]], seeds: list[int], output_root: Pa
         (out / "sweep_run.json").write_text(json.dumps(
             {"config": label, "seed": seed, "wall_s": wall, "resumed": resumed, "command": command, "commit": commit,
              "machine": machine, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
-        _say(f"[{i}/{len(plan)}] {label} seed {seed}: held-out accuracy {_f(result['first'].get('eval/accuracy'))} "
-             f"-> {_f(result['last'].get('eval/accuracy'))} in {wall:.0f}s")
+        _say(f"[{i}/{len(plan)}] {label} seed {seed}: held-out accuracy {format_number(result['first'].get('eval/accuracy'))} "
+             f"-> {format_number(result['last'].get('eval/accuracy'))} in {wall:.0f}s")
         trained += 1
     return trained, skipped
 

@@ -29,7 +29,7 @@ from g2rpo_jax.checkpoint import TrainCheckpointer, remove_checkpoints, save_par
 from g2rpo_jax.config import Config, ConfigError, config_differences, describe_sections, load_config, to_dict
 from g2rpo_jax.data.pipeline import PromptIterator, TokenizedDataset
 from g2rpo_jax.guidance import init_guidance_state
-from g2rpo_jax.metrics import MetricsWriter, console_summary, split_mean, truncate_jsonl
+from g2rpo_jax.metrics import MetricsWriter, console_summary, format_number, split_mean, truncate_jsonl
 from g2rpo_jax.models.transformer import count_params
 from g2rpo_jax.plan import detect_device_memory, fit_warning, format_bytes, memory_plan
 from g2rpo_jax.rewards import ScoringPool, combine_rewards, configured_rewards
@@ -417,7 +417,7 @@ def finish(run: Run, state: TrainState, first: dict, last: dict) -> None:
                "steps": cfg.train.max_steps, "output_dir": str(run.out_dir)}
     (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("done: held-out accuracy %s (step 0) -> %s (step %d); metrics in %s",
-             _fmt(summary["step0_eval_accuracy"]), _fmt(summary["final_eval_accuracy"]), cfg.train.max_steps,
+             format_number(summary["step0_eval_accuracy"]), format_number(summary["final_eval_accuracy"]), cfg.train.max_steps,
              run.out_dir / "metrics.jsonl")
 
 
@@ -469,10 +469,6 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     if preempted is None:
         finish(run, state, first, last)
     return {"first": first, "last": last, "state": state, "preempted": preempted}
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def build_parser(prog: str = "g2rpo train") -> argparse.ArgumentParser:

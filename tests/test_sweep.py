@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from g2rpo_jax import sweep
+from g2rpo_jax import sweep, sweep_report
 from g2rpo_jax.config import load_config, to_dict
 from g2rpo_jax.metrics import read_metrics, series
 
@@ -68,12 +68,12 @@ def table_row(text: str, label: str) -> list[str]:
 
 
 def test_stats_of_one_run():
-    stats = sweep.run_stats(fake_rows(0.7, 0.9))
+    stats = sweep_report.run_stats(fake_rows(0.7, 0.9))
     assert stats["step0"] == STEP0 and stats["final"] == 0.7 and stats["final_step"] == 25
     assert stats["zero_std_first"] == pytest.approx(0.9)  # steps 21-25 (1.0) are outside the window
     assert stats["rl_steps"] == 25
-    assert sweep.mean_std([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))
-    assert sweep.mean_std([0.4]) == (0.4, None)
+    assert sweep_report.mean_std([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))
+    assert sweep_report.mean_std([0.4]) == (0.4, None)
     # vanilla GRPO (ratio 0) plots guidance length 0; null values are dropped
     assert series([{"step": 1, "guidance/length": 40, "guidance/ratio": 0.0}], "guidance/length") == {1: 0.0}
     assert series([{"step": 1, "reward": None}, {"step": 2, "reward": float("nan")}], "reward") == {}
@@ -107,7 +107,7 @@ def test_table_numbers_and_plots(fabricated, tmp_path):
     # provenance from sweep_run.json: summed wall time of the 8 finished runs, commit and machine
     assert "abc1234" in text and "testbox" in text and "1m 20s" in text
     assert "--plots-only" in text
-    for name, *_ in sweep.PLOTS:
+    for name, *_ in sweep_report.PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in text
 

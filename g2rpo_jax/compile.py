@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
 
-from g2rpo_jax.config import Config, ConfigError, load_config
+from g2rpo_jax.config import Config, ConfigError, add_config_arguments, load_config
 from g2rpo_jax.models import init_model
 from g2rpo_jax.metrics import git_commit
 from g2rpo_jax.models.hf import abstract_model
@@ -348,7 +348,7 @@ def format_report(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2rpo compile", description=__doc__.split("\n\n")[1].replace("\n", " "))
-    parser.add_argument("--config", help="YAML config file (e.g. configs/qwen3_1.7b_math.yaml)")
+    add_config_arguments(parser, "configs/qwen3_1.7b_math.yaml")
     parser.add_argument("--topology", required=True, help=f"TPU slice, e.g. {EXAMPLE_TOPOLOGIES}")
     parser.add_argument("--out", help="write the report as JSON to this file")
     parser.add_argument("--programs", default=",".join(PROGRAMS),
@@ -356,7 +356,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=None,
                         help="programs XLA compiles at once (default: the cores this process may use); each "
                              "compile takes a few GB of host memory")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
     return parser
 
 

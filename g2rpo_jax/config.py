@@ -529,6 +529,13 @@ def config_differences(a: dict, b: dict, ignore=()) -> list[tuple[str, Any, Any]
             if k not in ignore and fa.get(k) != fb.get(k)]
 
 
+def add_config_arguments(parser, example: str = "configs/default.yaml") -> None:
+    """The ``--config FILE`` option and the trailing ``section.key=value`` overrides every command
+    that reads a config takes (`load_config(args.config, args.overrides)`)."""
+    parser.add_argument("--config", help=f"YAML config file (e.g. {example})")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+
+
 def describe_sections() -> str:
     """Text for --help: each section and its keys with defaults."""
     lines = []

@@ -24,7 +24,7 @@ import sys
 import jax
 import numpy as np
 
-from g2rpo_jax.config import Config, ConfigError, load_config
+from g2rpo_jax.config import Config, ConfigError, add_config_arguments, load_config
 from g2rpo_jax.models import init_model
 from g2rpo_jax.policy import architecture_only, pretrained_config
 from g2rpo_jax.sharding import (KV_CACHE_AXES, MESH_AXES, logical_to_spec, mesh_shape,
@@ -210,13 +210,12 @@ def plan_model_config(cfg: Config):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2rpo plan", description=__doc__.split("\n\n")[1].replace("\n", " "))
-    parser.add_argument("--config", help="YAML config file (e.g. configs/default.yaml)")
+    add_config_arguments(parser)
     parser.add_argument("--devices", type=int, default=None,
                         help="number of devices to plan for (default: jax.device_count() here; give the "
                              "pod's count when planning from another machine)")
     parser.add_argument("--device-memory", default=None,
                         help="memory of one device, e.g. 16GiB (default: detected on this machine)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
     return parser
 
 

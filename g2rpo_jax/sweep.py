@@ -44,6 +44,7 @@ from typing import Optional
 import yaml
 
 from g2rpo_jax.config import ConfigError, config_differences, load_config, to_dict
+from g2rpo_jax.errors import command_exit_code
 from g2rpo_jax.metrics import format_number, git_commit
 from g2rpo_jax.setup import setup_logging
 from g2rpo_jax.sweep_report import build_table, collect, machine_info, run_dir, write_plots, write_report
@@ -277,19 +278,17 @@ def main(argv=None, prog: str = "python -m g2rpo_jax.sweep") -> int:
         print(f"error: config names repeat: {' '.join(labels)}", file=sys.stderr)
         return 2
 
-    try:
-        if not args.plots_only:
-            entries = [(label, resolve_config_path(c)) for label, c in zip(labels, configs)]
-            jax_cache = args.jax_cache or str(Path(args.output_root) / "jax_cache")
-            trained, skipped = run_sweep(entries, seeds, Path(args.output_root), overrides, args.max_steps, command,
-                                         jax_cache)
-            _say(f"{trained} run(s) trained, {skipped} skipped")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept; rerun the same command to continue", file=sys.stderr)
-        return 130
+    def run_all():
+        entries = [(label, resolve_config_path(c)) for label, c in zip(labels, configs)]
+        jax_cache = args.jax_cache or str(Path(args.output_root) / "jax_cache")
+        trained, skipped = run_sweep(entries, seeds, Path(args.output_root), overrides, args.max_steps, command,
+                                     jax_cache)
+        _say(f"{trained} run(s) trained, {skipped} skipped")
+
+    if not args.plots_only:
+        code = command_exit_code(run_all, "interrupted: finished runs are kept; rerun the same command to continue")
+        if code:
+            return code
     methods = collect(args.output_root, labels, seeds)
     if not any(m["runs"] for m in methods.values()):
         print(f"error: no finished run (summary.json) under {args.output_root} for configs "

@@ -26,8 +26,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from g2rpo_jax.checkpoint import TrainCheckpointer, remove_checkpoints, save_params
-from g2rpo_jax.config import Config, ConfigError, config_differences, describe_sections, load_config, to_dict
+from g2rpo_jax.config import (Config, ConfigError, add_config_arguments, config_differences, describe_sections,
+                              load_config, to_dict)
 from g2rpo_jax.data.pipeline import PromptIterator, TokenizedDataset
+from g2rpo_jax.errors import command_exit_code
 from g2rpo_jax.guidance import init_guidance_state
 from g2rpo_jax.metrics import MetricsWriter, console_summary, format_number, split_mean, truncate_jsonl
 from g2rpo_jax.models.transformer import count_params
@@ -477,26 +479,17 @@ def build_parser(prog: str = "g2rpo train") -> argparse.ArgumentParser:
         description="Train with G²RPO-A (guided GRPO with adaptive guidance length).",
         epilog="overrides: section.key=value, e.g. train.max_steps=20 guidance.ratio=0.25\n\n"
                "config sections (key=default):\n" + describe_sections())
-    parser.add_argument("--config", help="YAML config file (e.g. configs/default.yaml)")
+    add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in train.output_dir "
                              "(the same as train.resume=auto)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, [*args.overrides, *(["train.resume=auto"] if args.resume else [])])
-        train(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    overrides = [*args.overrides, *(["train.resume=auto"] if args.resume else [])]
+    return command_exit_code(lambda: train(load_config(args.config, overrides)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ of rows for every index scored (problems without rows are left out, with a warni
 A completion is scored by `math_accuracy_reward` (math-verify, the reference settings, in a
 `ScoringPool` with a per-item time limit) with ``unparseable_gold=0.0``: a problem whose gold answer
 math-verify cannot parse is never solved, and is counted. pass@1 is the mean over samples, pass@k the
-unbiased estimator (`evaluate.pass_at_k`) with k = samples per problem, maj@k the correctness of the
+unbiased estimator (`eval_common.pass_at_k`) with k = samples per problem, maj@k the correctness of the
 most common prediction, where predictions vote by math-verify equivalence (``0.5`` and ``\\frac{1}{2}``
 agree; `answer_classes`), ties going to the first seen and completions without a prediction not voting
 (a problem whose vote times out falls back to normalized prediction strings).

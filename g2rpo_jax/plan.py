@@ -104,7 +104,7 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
         layers = m.num_hidden_layers * b * t * m.hidden_size * abytes + per_layer
     else:
         layers = m.num_hidden_layers * per_layer
-    # The LM head runs on the completion window only, over vocabulary tiles (loss.head_log_probs):
+    # The LM head runs on the completion window only, over vocabulary tiles (logprobs.head_log_probs):
     # no [rows, T, V] logits, only the window's hidden states and their gradient in float32.
     window = d.max_guidance_length + r.max_completion_length
     activations = layers + 2 * b * window * m.hidden_size * 4

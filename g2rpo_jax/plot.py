@@ -46,7 +46,7 @@ def figure(path: Path, title: str, xlabel: str, ylabel: str, *, size=(6.4, 4.0),
         if ylim is not None:
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
-        if legend:
+        if legend and ax.get_legend_handles_labels()[0]:  # a legend only for labelled lines
             ax.legend(fontsize=legend_size)
         fig.tight_layout()
         fig.savefig(path, format="png")

@@ -265,9 +265,7 @@ def write_plots(out: Path, methods: dict, smooth: Optional[int] = None) -> tuple
     for fname, key, ylabel, smoothed in PLOTS:
         title = ylabel + (f" ({smooth}-step moving average)" if smoothed and smooth > 1 else "")
         bounded = key in ("eval/accuracy", "reward", "frac_reward_zero_std")
-        drew = [label for label, m in methods.items() if m["runs"]]
-        with figure(out / fname, title, "RL step", ylabel, size=(7, 4.2), dpi=110, legend=bool(drew),
-                    title_size=10, legend_size=8, ylim=(-0.02, 1.02) if bounded else None) as ax:
+        with figure(out / fname, title, "RL step", ylabel, size=(7, 4.2), dpi=110, title_size=10, legend_size=8, ylim=(-0.02, 1.02) if bounded else None) as ax:
             for i, (label, m) in enumerate(methods.items()):
                 _draw_method(ax, label, f"C{i % 10}", [r["rows"] for r in m["runs"].values()], key,
                              smooth if smoothed else 1)

@@ -27,9 +27,10 @@ def jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield line_no, json.loads(line)
+                row = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
+            yield line_no, row
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

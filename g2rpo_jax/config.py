@@ -511,11 +511,12 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested mapping as ``{"section.key": value}`` (dotted keys, leaves only)."""
     out = {}
     for k, v in (d or {}).items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -524,7 +525,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_differences(a: dict, b: dict, ignore=()) -> list[tuple[str, Any, Any]]:
     """``(dotted key, value in a, value in b)`` for every key whose JSON-normalised values differ
     between two nested config mappings (`to_dict` output or a saved config.yaml), sorted by key."""
-    fa, fb = _flatten(json.loads(json.dumps(a))), _flatten(json.loads(json.dumps(b)))
+    fa, fb = flatten(json.loads(json.dumps(a))), flatten(json.loads(json.dumps(b)))
     return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
             if k not in ignore and fa.get(k) != fb.get(k)]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from g2rpo_jax.config import load_config
+from g2rpo_jax.config import flatten, load_config
 from g2rpo_jax.sweep import DEFAULT_CONFIGS
 from tiny_run import tiny_run_overrides
 
@@ -27,16 +27,6 @@ CONFIGS = [c for c in ALL_CONFIGS if c not in REAL_MODEL]  # the embedded task: 
 VARIANTS = [c for c in CONFIGS if c != "default"]
 SFT_BASELINES = [c for c in REAL_MODEL if c.startswith("sft_")]  # sft_<recipe>.yaml: SFT of a real-model recipe
 HEADER = re.compile(r"^# differs from (\S+)\.yaml in: (.*)$")
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def header(path: Path) -> tuple[str, set[str]]:
@@ -55,6 +45,8 @@ def header_keys(path: Path) -> set[str]:
 
 
 def differing_keys(base: str, name: str) -> set[str]:
+    """Keys whose values differ between two config files; unlike `config_differences`, a key set to
+    null in one file and absent from the other differs (absent means the dataclass default)."""
     a = flatten(yaml.safe_load((CONFIG_DIR / f"{base}.yaml").read_text()))
     b = flatten(yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()))
     return {k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")}

@@ -56,7 +56,7 @@ from g2rpo_jax.policy import SHIPPED
 from g2rpo_jax.rewards import ScoringPool
 from g2rpo_jax.rewards.math import (answer_classes, gold_parseable, math_accuracy_reward, normalize_prediction,
                                     prediction_text)
-from g2rpo_jax.rollout import SamplingParams, complete_prompts
+from g2rpo_jax.rollout import SamplingParams, complete_plain, decode_texts
 from g2rpo_jax.stop_strings import stop_strings_for
 
 log = logging.getLogger("g2rpo_jax")
@@ -317,17 +317,17 @@ def generate(model: LoadedModel, problems: Sequence[Problem], num_samples: int, 
     batch = max(1, min(batch_size, len(rows)))
     key = jax.random.PRNGKey(seed)
     texts: list[str] = []
+    at_limit = 0
     for b, start in enumerate(range(0, len(rows), batch)):
         idx = rows[start:start + batch]
         idx = np.concatenate([idx, np.full(batch - len(idx), idx[-1])])  # pad the last batch: same shapes
-        out = complete_prompts(model.graphdef, model.params, tok, data.prompt_ids[idx], data.prompt_mask[idx],
-                               jax.random.fold_in(key, b), sampling=sampling)
-        texts += out[:min(batch, len(rows) - start)]
+        out = complete_plain(model.graphdef, model.params, tok, data.prompt_ids[idx], data.prompt_mask[idx],
+                             jax.random.fold_in(key, b), sampling=sampling)
+        real = min(batch, len(rows) - start)  # the padded rows of the last batch are dropped
+        texts += decode_texts(tok, out)[:real]
+        at_limit += int((np.asarray(out.num_generated)[:real] >= sampling.max_new_tokens).sum())
         log.info("generated %d of %d completions", len(texts), len(rows))
-    # decoded text re-encoded: a completion that used the whole budget (EOS and pad are not in the text)
-    reencoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-    counts = {"skipped_prompts": skipped,
-              "at_token_limit": sum(len(ids) >= sampling.max_new_tokens for ids in reencoded)}
+    counts = {"skipped_prompts": skipped, "at_token_limit": at_limit}  # samples that used the whole budget
     grouped = [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(kept))]
     return kept, grouped, counts
 

@@ -334,10 +334,15 @@ def decode_texts(tokenizer, rollout: Rollout, row_slice=None, *, eos_id=None, pa
             for ids in completion_ids(rollout, row_slice, drop)]
 
 
+def complete_plain(graphdef, params, tokenizer, prompt_ids, prompt_mask, rng, *, sampling: SamplingParams) -> Rollout:
+    """Continuations of plain prompts, no guidance prefix, stopping at the tokenizer's EOS."""
+    rows = len(prompt_ids)
+    return generate(graphdef, params, prompt_ids, prompt_mask, np.zeros((rows, 0), np.int32),
+                    np.zeros((rows,), np.int32), rng, sampling=sampling, eos_id=tokenizer.eos_token_id,
+                    pad_id=tokenizer.pad_token_id)
+
+
 def complete_prompts(graphdef, params, tokenizer, prompt_ids, prompt_mask, rng, *, sampling: SamplingParams) -> list[str]:
     """Decoded completions of plain prompts, no guidance prefix (evaluation, pass@k sampling)."""
-    rows = len(prompt_ids)
-    out = generate(graphdef, params, prompt_ids, prompt_mask, np.zeros((rows, 0), np.int32),
-                   np.zeros((rows,), np.int32), rng, sampling=sampling, eos_id=tokenizer.eos_token_id,
-                   pad_id=tokenizer.pad_token_id)
-    return decode_texts(tokenizer, out)
+    return decode_texts(tokenizer, complete_plain(graphdef, params, tokenizer, prompt_ids, prompt_mask, rng,
+                                                  sampling=sampling))

@@ -194,7 +194,9 @@ def test_generates_from_a_run_directory(tmp_path, capsys):
     rc, line, err = run_cli(["--data", data, "--model", str(run), "--num-samples", "2", "--batch-size", "3",
                              "--max-prompt-length", "100", "--workers", "1", "--stop", stop, "--out", str(out)], capsys)
     assert rc == 0, err
-    _, cut = check_generated(line, out, 2, 2)
+    stopped, cut = check_generated(line, out, 2, 2)
+    # the first sample stops after 3 of its 8 tokens: fewer samples use the whole budget
+    assert stopped["at_token_limit"] < summary["at_token_limit"]
     for before, after in zip(rows, cut):
         assert after["completions"] == [t[:t.index(stop) + len(stop)] if stop in t else t for t in before["completions"]]
 

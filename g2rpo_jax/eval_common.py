@@ -107,11 +107,11 @@ def load_policy(src: Source, like) -> tuple[Path, object]:
     return load_newest_params(src.checkpoints_dir, like)
 
 
-def eval_sampling(cfg, tok, vocab_size: int, num_samples: int) -> SamplingParams:
+def eval_sampling(cfg, stop, num_samples: int) -> SamplingParams:
     """How a run's evaluation generates: greedy for one sample, else at the rollout's temperature /
-    top-p / top-k; ``eval.max_new_tokens``; stopping at the run's ``rollout.stop_strings``."""
+    top-p / top-k; ``eval.max_new_tokens``; stopping at ``stop`` (`RunPolicy.stop`, the run's
+    ``rollout.stop_strings``)."""
     r = cfg.rollout
-    stop = stop_strings_for(tok, r.stop_strings, vocab_size)
     if num_samples == 1:
         return SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True, stop=stop)
     return SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
@@ -129,6 +129,7 @@ class RunPolicy:
     graphdef: Any
     params: Any
     loaded_from: Path  # the params directory or step checkpoint read
+    stop: Any  # the run's rollout.stop_strings for its tokenizer (`stop_strings_for`), built once
 
 
 def run_policy(src: Source, cfg: Config, tokenizer) -> RunPolicy:
@@ -136,7 +137,8 @@ def run_policy(src: Source, cfg: Config, tokenizer) -> RunPolicy:
     model_cfg = resolve_model_config(cfg, tokenizer)
     graphdef, like = init_model(model_cfg, 0)
     loaded_from, params = load_policy(src, like)
-    return RunPolicy(src, cfg, tokenizer, model_cfg, graphdef, params, loaded_from)
+    stop = stop_strings_for(tokenizer, cfg.rollout.stop_strings, model_cfg.vocab_size)
+    return RunPolicy(src, cfg, tokenizer, model_cfg, graphdef, params, loaded_from, stop)
 
 
 def load_run_policy(checkpoint: str) -> RunPolicy:

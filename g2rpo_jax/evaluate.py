@@ -55,13 +55,12 @@ def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, 
     task = load_task(cfg)  # the run's held-out split, tokenized as in training
     policy = run_policy(src, cfg, task.tokenizer)
     tok, test, graphdef, params, loaded_from = task.tokenizer, task.test, policy.graphdef, policy.params, policy.loaded_from
-    vocab_size = policy.model_cfg.vocab_size
     n = min(cfg.eval.num_problems, len(test.answers))
     idx = np.arange(n)
     signal = cfg.reward.controller_signal
     with ScoringPool(cfg.reward.num_workers or None, cfg.reward.timeout_s) as pool:  # workers start on first use
         reward_fn = configured_rewards([signal], cfg.reward, pool, evaluation=True)[signal]
-        texts = sample_texts(graphdef, params, tok, test, idx, eval_sampling(cfg, tok, vocab_size, 1), seed)
+        texts = sample_texts(graphdef, params, tok, test, idx, eval_sampling(cfg, policy.stop, 1), seed)
         rewards = reward_fn(texts, [test.answers[i] for i in idx])
         rows = [{"index": int(i), "question": test.examples[i].prompt, "answer": test.answers[i],
                  "difficulty": int(test.difficulty[i]), "greedy_completion": t, "greedy_reward": float(r)}
@@ -69,7 +68,7 @@ def evaluate_run(checkpoint: str, num_samples: int = 1, out: str | None = None, 
         summary = {"checkpoint": str(loaded_from), "reward": signal, "num_problems": n,
                    "greedy_accuracy": float(np.mean([r["greedy_reward"] for r in rows]))}
         if num_samples > 1:
-            sampling = eval_sampling(cfg, tok, vocab_size, num_samples)
+            sampling = eval_sampling(cfg, policy.stop, num_samples)
             rep = np.repeat(idx, num_samples)
             sampled = sample_texts(graphdef, params, tok, test, rep, sampling, seed + 1)
             sampled_rewards = reward_fn(sampled, [test.answers[i] for i in rep])

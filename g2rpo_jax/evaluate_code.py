@@ -127,7 +127,7 @@ def generate_humaneval_samples(checkpoint: str, samples_path: Optional[str], num
     # No system prompt: the code recipes' asks for a stdin/stdout program, HumanEval grades a function.
     longest = max(len(tok.encode(render_prompt(tok, ex.prompt))) for ex in examples)
     data = tokenize_examples(examples, tok, longest, 1)
-    sampling = eval_sampling(cfg, tok, policy.model_cfg.vocab_size, num_samples)
+    sampling = eval_sampling(cfg, policy.stop, num_samples)
     rep = np.repeat(np.arange(len(task_ids)), num_samples)
     texts = complete_prompts(graphdef, params, tok, data.prompt_ids[rep], data.prompt_mask[rep],
                              jax.random.PRNGKey(seed), sampling=sampling)

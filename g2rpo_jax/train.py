@@ -220,7 +220,6 @@ class Run:
     out_dir: Path
     task: TaskData
     model_cfg: Any
-    model_meta: dict  # the model config as JSON: checkpoints record it, resume checks it
     graphdef: Any
     params: Any  # the initial policy (pretrained or seeded), before the warm start
     stop: Any  # rollout.stop_strings for the tokenizer
@@ -228,6 +227,11 @@ class Run:
     schedule: optax.Schedule
     placement: Placement
     iterator: PromptIterator
+
+    @property
+    def model_meta(self) -> dict:
+        """The model config as JSON: checkpoints record it, resume checks it."""
+        return json.loads(json.dumps(dataclasses.asdict(self.model_cfg)))
 
 
 def prepare_run(cfg: Config) -> Run:
@@ -259,8 +263,7 @@ def prepare_run(cfg: Config) -> Run:
         log.warning("%s", fit_warning(plan))
     iterator = PromptIterator(len(task.train.answers), r.prompts_per_step, seed=cfg.train.seed + cfg.data.seed,
                               order=cfg.data.order)
-    return Run(cfg, out_dir, task, model_cfg, json.loads(json.dumps(dataclasses.asdict(model_cfg))), graphdef,
-               params, stop, optimizer, schedule, placement, iterator)
+    return Run(cfg, out_dir, task, model_cfg, graphdef, params, stop, optimizer, schedule, placement, iterator)
 
 
 def open_checkpoints(run: Run):

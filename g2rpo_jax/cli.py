@@ -1,4 +1,4 @@
-"""`g2rpo <subcommand>`: train, evaluate, plot, sweep, plan, compile."""
+"""`g2rpo <subcommand>`: train, evaluate, plot, sweep, plan, export, compile."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "plot": ("g2rpo_jax.plot", "PNG plots of a run's metrics (reward, accuracy, L, KL)"),
     "sweep": ("g2rpo_jax.sweep", "run configs x seeds and write the replication table and plots"),
     "plan": ("g2rpo_jax.plan", "memory per device for a config's model, batch and mesh; warns when it will not fit"),
+    "export": ("g2rpo_jax.export", "write a run as HF safetensors (merged) or a PEFT LoRA adapter"),
     "compile": ("g2rpo_jax.compile", "compile the step for a TPU slice ahead of time: XLA's memory per chip, fits"),
 }
 

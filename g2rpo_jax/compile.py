@@ -35,15 +35,15 @@ import numpy as np
 from jax.experimental import topologies
 
 from g2rpo_jax.config import Config, ConfigError, add_config_arguments, load_config
-from g2rpo_jax.models import init_model
 from g2rpo_jax.metrics import git_commit
 from g2rpo_jax.models.hf import abstract_model
+from g2rpo_jax.models.lora import LoraSettings, abstract_lora_policy
 from g2rpo_jax.plan import format_bytes, memory_plan
 from g2rpo_jax.policy import architecture_only
 from g2rpo_jax.sharding import Placement, check_batch, tree_shardings
 from g2rpo_jax.stop_strings import stop_tables
 from g2rpo_jax.train_step import (BATCH_KEYS, build_optimizer, build_step_fns, eval_batch_rows, eval_rows_sharding,
-                                  init_train_state)
+                                  init_train_state, policy_params)
 
 GiB = 1024**3
 
@@ -106,10 +106,13 @@ def abstract(tree, shardings):
 def step_programs(cfg: Config, model_cfg, eos_id: int, pad_id: int, placement: Placement):
     """{name: (jitted function, abstract arguments)} of the rollout, the update and the greedy
     evaluation generate, exactly as `g2rpo train` builds them for this mesh."""
-    graphdef, _ = abstract_model(model_cfg)
+    graphdef, params_shape = abstract_model(model_cfg)
+    lora = LoraSettings.from_model_section(cfg.model)
+    if lora is not None:
+        graphdef, params_shape = abstract_lora_policy(graphdef, params_shape, lora, model_cfg.dtype)
     optimizer, schedule = build_optimizer(cfg)
     num_train = cfg.data.num_train if cfg.data.num_train > 0 else 1  # sizes the per-prompt table only
-    state_shape = jax.eval_shape(lambda: init_train_state(cfg, init_model(model_cfg, 0)[1], optimizer, num_train))
+    state_shape = jax.eval_shape(lambda p: init_train_state(cfg, p, optimizer, num_train), params_shape)
     state_shardings = tree_shardings(state_shape, placement.mesh)
     state = abstract(state_shape, state_shardings)
     r, d = cfg.rollout, cfg.data
@@ -133,7 +136,7 @@ def step_programs(cfg: Config, model_cfg, eos_id: int, pad_id: int, placement: P
     batch = {k: arr((rows, seq), kinds.get(k, bool)) for k in BATCH_KEYS}
     update_args = (state, batch, arr((rows,), jnp.float32), arr((), jnp.float32, rep))
     er = eval_rows_sharding(placement, eval_rows)
-    eval_args = (state.params, arr((eval_rows, d.max_prompt_length), jnp.int32, er),
+    eval_args = (policy_params(state), arr((eval_rows, d.max_prompt_length), jnp.int32, er),
                  arr((eval_rows, d.max_prompt_length), bool, er), arr((2,), jnp.uint32, rep))
     return {"rollout": (fns.rollout.jitted, rollout_args), "update": (fns.update.jitted, update_args),
             "generate_eval": (fns.generate_eval.jitted, eval_args)}

@@ -18,7 +18,7 @@ import yaml
 from g2rpo_jax.errors import ConfigError
 from g2rpo_jax.guidance import GuidanceConfig
 from g2rpo_jax.loss import KL_ESTIMATORS, LOSS_AGGREGATIONS, REWARD_SCALINGS
-from g2rpo_jax.models.config import ModelConfig
+from g2rpo_jax.models.config import BASE_QUANTIZATIONS, LINEAR_MODULES, ModelConfig
 from g2rpo_jax.rewards import REWARD_FUNCS
 
 
@@ -33,6 +33,19 @@ class ModelSection(ModelConfig):
     # layer instead of all of them, so a 28-36 layer model compiles in a fraction of the time; the
     # same numbers up to float rounding. Weights stay stored per layer.
     scan_layers: bool = False
+    # LoRA / QLoRA through qwix (models/lora.py), with TRL's / PEFT's knob names: train rank-lora_r
+    # adapters (scaled lora_alpha / lora_r) on the linear layers named in lora_target_modules
+    # (all-linear: q,k,v,o,gate,up,down) over a frozen base; the reference policy is that base with
+    # the adapters off, so there is no second copy. Checkpoints hold the adapters; `g2rpo export`
+    # writes merged HF weights or a PEFT adapter.
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0  # only 0: the update's old and new log-probs must see the same network
+    lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
+    # QLoRA: the frozen base stored int8 (per output channel) or nf4 (blocks of 64, QLoRA's), with
+    # use_peft only. Adapters and optimizer stay in param_dtype.
+    base_quantization: Literal["none", "int8", "nf4"] = "none"
 
 
 @dataclasses.dataclass
@@ -372,6 +385,23 @@ def check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _validate_lora(cfg: Config) -> None:
+    m = cfg.model
+    if not m.use_peft:
+        check(m.base_quantization == "none", f"model.base_quantization={m.base_quantization} quantizes a frozen "
+              "base, which only LoRA has: set model.use_peft=true (QLoRA) or base_quantization=none")
+        return
+    check(m.lora_r >= 1, f"model.lora_r={m.lora_r}: the adapter rank must be >= 1")
+    check(m.lora_alpha > 0, f"model.lora_alpha={m.lora_alpha} must be > 0 (the adapters scale by lora_alpha / lora_r)")
+    check(m.lora_dropout == 0, f"model.lora_dropout={m.lora_dropout}: only 0 is supported (GRPO's ratio compares "
+          "log-probs of the same network); set model.lora_dropout=0")
+    targets = list(m.lora_target_modules)
+    unknown = [t for t in targets if t not in LINEAR_MODULES]
+    check(targets == ["all-linear"] or (targets and not unknown), f"model.lora_target_modules={targets}: unknown "
+          f"{unknown or 'empty list'}; give names from {', '.join(LINEAR_MODULES)}, or [all-linear]")
+    check(m.base_quantization in BASE_QUANTIZATIONS, f"model.base_quantization: one of {BASE_QUANTIZATIONS}")
+
+
 def _validate_rollout(cfg: Config) -> None:
     r = cfg.rollout
     check(r.num_generations >= 2, "rollout.num_generations must be >= 2 (group advantages need a spread)")
@@ -474,7 +504,7 @@ def _validate_reward(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks, each failing with one line naming the key to change."""
-    for section_checks in (_validate_rollout, _validate_steps, _validate_data, _validate_warm_start,
+    for section_checks in (_validate_lora, _validate_rollout, _validate_steps, _validate_data, _validate_warm_start,
                            _validate_mesh, _validate_reward):
         section_checks(cfg)
     try:

@@ -15,7 +15,7 @@ from g2rpo_jax.checkpoint import load_newest_params, load_params, load_step_para
 from g2rpo_jax.config import Config, config_from_dict, load_config
 from g2rpo_jax.models import init_model
 from g2rpo_jax.rollout import SamplingParams
-from g2rpo_jax.setup import policy_tokenizer, resolve_model_config
+from g2rpo_jax.setup import init_policy, lora_policy, policy_tokenizer, resolve_model_config
 from g2rpo_jax.stop_strings import stop_strings_for
 
 
@@ -133,10 +133,16 @@ class RunPolicy:
 
 
 def run_policy(src: Source, cfg: Config, tokenizer) -> RunPolicy:
-    """The policy of the run at ``src`` with its config and tokenizer: the model, its params."""
+    """The policy of the run at ``src`` with its config and tokenizer: the model, its params. A LoRA
+    run's checkpoints hold its adapters: the base is rebuilt as training built it (`lora_policy`)."""
     model_cfg = resolve_model_config(cfg, tokenizer)
-    graphdef, like = init_model(model_cfg, 0)
-    loaded_from, params = load_policy(src, like)
+    if cfg.model.use_peft:
+        graphdef, weights = lora_policy(cfg, model_cfg, tokenizer, *init_policy(cfg, model_cfg))
+        loaded_from, adapters = load_policy(src, weights.adapters)
+        params = weights.with_adapters(adapters)
+    else:
+        graphdef, like = init_model(model_cfg, 0)
+        loaded_from, params = load_policy(src, like)
     stop = stop_strings_for(tokenizer, cfg.rollout.stop_strings, model_cfg.vocab_size)
     return RunPolicy(src, cfg, tokenizer, model_cfg, graphdef, params, loaded_from, stop)
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from g2rpo_jax.config import Config, ConfigError, add_config_arguments, load_config
 from g2rpo_jax.models import init_model
+from g2rpo_jax.models.lora import LoraSettings
 from g2rpo_jax.policy import architecture_only, pretrained_config
 from g2rpo_jax.sharding import (KV_CACHE_AXES, MESH_AXES, logical_to_spec, mesh_shape,
                                 param_logical_axes, path_name)
@@ -109,10 +110,11 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
     window = d.max_guidance_length + r.max_completion_length
     activations = layers + 2 * b * window * m.hidden_size * 4
 
-    if getattr(cfg.model, "scan_layers", False):  # the layers' weights stacked in the compute dtype, and their gradient
-        layer_elems = sum(_per_device(x.shape, param_logical_axes(path_name(kp), x.ndim), mesh)
+    lora = LoraSettings.from_model_section(cfg.model)
+    if getattr(cfg.model, "scan_layers", False):  # the layers' weights stacked in the compute dtype, and their
+        layer_elems = sum(_per_device(x.shape, param_logical_axes(path_name(kp), x.ndim), mesh)  # gradient
                           for kp, x in leaves if ".layers." in f".{path_name(kp)}.")
-        activations += 2 * layer_elems * abytes
+        activations += (2 if lora is None else 1) * layer_elems * abytes  # LoRA: the frozen base has none
 
     # evaluation: the greedy generate's KV cache, its rows over the mesh when they split evenly
     e = cfg.eval
@@ -128,17 +130,38 @@ def memory_plan(cfg: Config, model_cfg, num_devices: int, device_memory: int | N
     gathered = 0 if mesh["fsdp"] == 1 else abytes * sum(
         _per_device(x.shape, param_logical_axes(path_name(kp), x.ndim), unsharded) for kp, x in leaves)
 
-    p = param_elems * pbytes
-    # with accumulation the running sum and one micro-batch's; then optax's update tree, the size of
-    # the weights, before it is applied
-    grads = (p if k == 1 else 2 * p) + p
-    ref = p if cfg.loss.beta > 0 else 0  # loss.beta = 0 keeps no reference copy
-    parts = {"params (policy)": p, "optimizer (Adam m, v)": 2 * p, "reference policy": ref,
-             "gradients (update)": grads, "KV cache (rollout)": kv, "prefill (rollout)": prefill,
-             "activations (update, estimate)": activations, "KV cache (evaluation)": eval_kv,
-             "gathered weights (generation, fsdp)": gathered}
-    peak = 3 * p + ref + max(kv + prefill + gathered, grads + activations, eval_kv + gathered)
+    loads = {"KV cache (rollout)": kv, "prefill (rollout)": prefill, "activations (update, estimate)": activations,
+             "KV cache (evaluation)": eval_kv, "gathered weights (generation, fsdp)": gathered}
+    weights = (full_weights(cfg, param_elems * pbytes, k) if lora is None
+               else lora_weights(lora, leaves, mesh, pbytes, k))
+    parts = {**weights, **loads}
+    resident = sum(v for name, v in weights.items() if not name.startswith("gradients"))
+    peak = resident + max(kv + prefill + gathered, weights["gradients (update)"] + activations, eval_kv + gathered)
     return MemoryPlan(mesh, num_params, parts, peak, device_memory)
+
+
+def full_weights(cfg: Config, p: int, k: int) -> dict:
+    """A full fine-tune's weights per device: policy, Adam m and v, the reference (none with
+    loss.beta = 0), and the update's gradients (with accumulation the running sum and one
+    micro-batch's; then optax's update tree, the size of the weights, before it is applied)."""
+    return {"params (policy)": p, "optimizer (Adam m, v)": 2 * p, "reference policy": p if cfg.loss.beta > 0 else 0,
+            "gradients (update)": (p if k == 1 else 2 * p) + p}
+
+
+def _adapted(name: str, lora: LoraSettings) -> bool:
+    return any(name.endswith(f"{t}.kernel") for t in lora.target_modules)
+
+
+def lora_weights(lora: LoraSettings, leaves, mesh: dict, pbytes: int, k: int) -> dict:
+    """A LoRA policy's weights per device: the frozen base (its adapted kernels int8 or nf4 with
+    QLoRA), float32 adapters A [in, r] and B [r, out] (replicated), their Adam moments and gradients;
+    no reference copy (the reference is the base)."""
+    kernel_bytes = {"none": pbytes, "int8": 1, "nf4": 0.5}[lora.base_quantization]
+    base = sum(_per_device(x.shape, param_logical_axes(path_name(kp), x.ndim), mesh)
+               * (kernel_bytes if _adapted(path_name(kp), lora) else pbytes) for kp, x in leaves)
+    a = 4 * lora.rank * sum(x.shape[0] + x.shape[1] for kp, x in leaves if _adapted(path_name(kp), lora))
+    return {"params (frozen base)": int(base), "params (adapters)": a, "optimizer (Adam m, v)": 2 * a,
+            "gradients (update)": (a if k == 1 else 2 * a) + a}
 
 
 def format_bytes(n: float) -> str:

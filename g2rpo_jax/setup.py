@@ -14,7 +14,9 @@ from g2rpo_jax.data.pipeline import TokenizedDataset, tokenize_examples
 from g2rpo_jax.data.sources import load_examples, skip_summary
 from g2rpo_jax.data.tokenizer import build_embedded_tokenizer
 from g2rpo_jax.models import init_model
+from g2rpo_jax.models.lora import LoraSettings, apply_lora
 from g2rpo_jax.policy import architecture, load_policy_tokenizer, load_pretrained_params, pretrained_config
+from g2rpo_jax.warm_start import warm_start
 
 log = logging.getLogger("g2rpo_jax")
 
@@ -104,3 +106,16 @@ def init_policy(cfg: Config, model_cfg):
     if cfg.model.model_name_or_path:
         return load_pretrained_params(cfg, model_cfg)
     return init_model(model_cfg, cfg.train.seed)
+
+
+def lora_policy(cfg: Config, model_cfg, tokenizer, graphdef, params, placement=None):
+    """With ``model.use_peft``: the warm-started policy (warm_start, cached) becomes the frozen base,
+    quantized as ``model.base_quantization``, under adapters seeded by train.seed; returns (LoRA
+    graphdef, LoraParams). Deterministic, so a resumed run, evaluation and export rebuild the same
+    base instead of storing it."""
+    params = warm_start(cfg, model_cfg, tokenizer, graphdef, params, placement)
+    try:
+        return apply_lora(graphdef, params, LoraSettings.from_model_section(cfg.model), cfg.train.seed,
+                          model_cfg.dtype)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -64,6 +64,11 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"\w*norm\.weight", ("norm",)),  # input_layernorm, q_norm, norm, ...
 )
 _PARAM_RE = [(re.compile(r"(^|\.)" + pat + r"$"), axes) for pat, axes in PARAM_AXES]
+# A qwix-quantized kernel (QLoRA's base) stores `kernel.array.qvalue` [in, out] and `kernel.array.scale`
+# [in / block, out]: both take the kernel's axes (a block count an axis does not divide stays whole).
+# LoRA adapters (`kernel_lora_a` [in, r], `kernel_lora_b` [r, out]) match no rule: replicated, which
+# `g2rpo compile` measured as no worse than sharding them (docs/design/lora-qwix.md).
+_QUANTIZED_SUFFIX = re.compile(r"\.array\.(qvalue|scale)$")
 
 KV_CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # LayerCache.k / .v [B, S, nkv, hd]
 ACTIVATION_AXES = ("batch", "length", "act_embed")  # hidden states [B, T, H]
@@ -165,6 +170,7 @@ def path_name(keypath) -> str:
 def param_logical_axes(name: str, ndim: int) -> tuple[str | None, ...]:
     """Logical axes of a parameter (or an optimizer moment of one) by its dotted path; others are
     replicated (step counters, the guidance state, RNG keys)."""
+    name = _QUANTIZED_SUFFIX.sub("", name)
     for pattern, axes in _PARAM_RE:
         if pattern.search(name) and len(axes) == ndim:
             return axes

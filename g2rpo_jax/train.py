@@ -36,14 +36,15 @@ from g2rpo_jax.models.transformer import count_params
 from g2rpo_jax.plan import detect_device_memory, fit_warning, format_bytes, memory_plan
 from g2rpo_jax.rewards import ScoringPool, combine_rewards, configured_rewards
 from g2rpo_jax.rollout import Rollout, decode_texts
-from g2rpo_jax.setup import TaskData, init_policy, load_task, resolve_model_config, setup_logging
+from g2rpo_jax.setup import TaskData, init_policy, load_task, lora_policy, resolve_model_config, setup_logging
 from g2rpo_jax.sharding import (Placement, abstract_like, check_batch, gather_host, global_batch,
                                 maybe_initialize_distributed, process_rows, shard_state, sync_processes, to_host,
                                 tree_shardings)
 from g2rpo_jax.dynamic_sampling import choose_groups, enough_groups, group_rows, groups_with_spread, take_rows
 from g2rpo_jax.stop_strings import stop_strings_for
 from g2rpo_jax.train_step import (BATCH_KEYS, StepFns, TrainState, build_optimizer, build_step_fns,
-                                  eval_batch_rows, init_train_state, resolved_guidance)
+                                  eval_batch_rows, init_train_state, policy_params, resolved_guidance,
+                                  trainable_params)
 from g2rpo_jax.warm_start import warm_start
 
 log = logging.getLogger("g2rpo_jax")
@@ -221,7 +222,8 @@ class Run:
     task: TaskData
     model_cfg: Any
     graphdef: Any
-    params: Any  # the initial policy (pretrained or seeded), before the warm start
+    params: Any  # the initial policy (pretrained or seeded) before the warm start; with LoRA, LoraParams
+    # over the warm-started base
     stop: Any  # rollout.stop_strings for the tokenizer
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
@@ -246,6 +248,13 @@ def prepare_run(cfg: Config) -> Run:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     graphdef, params = init_policy(cfg, model_cfg)
+    placement = Placement.build(cfg.mesh)
+    if cfg.model.use_peft:  # the warm start trains the whole model; the adapters go on top of it
+        graphdef, params = lora_policy(cfg, model_cfg, task.tokenizer, graphdef,
+                                       shard_state(params, tree_shardings(params, placement.mesh)), placement)
+        log.info("LoRA rank %d on %s: %s trainable parameters, base %s", cfg.model.lora_r,
+                 ",".join(cfg.model.lora_target_modules), f"{count_params(params.adapters):,}",
+                 "frozen" if cfg.model.base_quantization == "none" else f"frozen, {cfg.model.base_quantization}")
     log.info("model %s%s: %.2fM params; %d train / %d held-out problems (%s)", model_cfg.model_type,
              f" from {cfg.model.model_name_or_path}" if cfg.model.model_name_or_path else "",
              count_params(params) / 1e6, len(task.train.answers), len(task.test.answers),
@@ -254,7 +263,6 @@ def prepare_run(cfg: Config) -> Run:
              else f"{cfg.data.source} {cfg.data.dataset_name}")
     r = cfg.rollout
     optimizer, schedule = build_optimizer(cfg)
-    placement = Placement.build(cfg.mesh)
     check_batch(placement.mesh, r.prompts_per_step, r.num_generations, cfg.optim.gradient_accumulation_steps)
     log.info("mesh %s", placement.describe())
     plan = memory_plan(cfg, model_cfg, placement.mesh.devices.size, detect_device_memory()[0])
@@ -279,13 +287,14 @@ def open_checkpoints(run: Run):
         return TrainCheckpointer(run.out_dir, cfg.checkpoint.max_to_keep), None
     ckpt = TrainCheckpointer(run.out_dir, cfg.checkpoint.max_to_keep)
     guidance_cfg = resolved_guidance(cfg)
-    state_like = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": jax.eval_shape(run.optimizer.init, run.params),
+    trainable = trainable_params(run.params)
+    state_like = {"step": jax.ShapeDtypeStruct((), jnp.int32), "opt_state": jax.eval_shape(run.optimizer.init, trainable),
                   "guidance": jax.eval_shape(lambda: init_guidance_state(guidance_cfg, len(run.task.train))),
                   "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
     try:
-        restored = ckpt.restore_latest(abstract_like(run.params, tree_shardings(run.params, mesh)),
+        restored = ckpt.restore_latest(abstract_like(trainable, tree_shardings(trainable, mesh)),
                                        abstract_like(state_like, tree_shardings(state_like, mesh)), run.model_meta,
-                                       with_reference=cfg.loss.beta > 0)
+                                       with_reference=cfg.loss.beta > 0 and not cfg.model.use_peft)
     except ValueError as e:  # a checkpoint of another model, or none readable: one clear line
         ckpt.close()
         raise ConfigError(str(e)) from None
@@ -300,8 +309,9 @@ def initial_state(run: Run, ckpt, restored) -> tuple[TrainState, int]:
     cfg, mesh = run.cfg, run.placement.mesh
     if restored is None:
         # placed first: the warm start then runs (and is cached) on the mesh like everything else
-        params = warm_start(cfg, run.model_cfg, run.task.tokenizer, run.graphdef,
-                            shard_state(run.params, tree_shardings(run.params, mesh)), run.placement)
+        params = run.params if cfg.model.use_peft else warm_start(  # LoRA: done under prepare_run's base
+            cfg, run.model_cfg, run.task.tokenizer, run.graphdef,
+            shard_state(run.params, tree_shardings(run.params, mesh)), run.placement)
         state = init_train_state(cfg, params, run.optimizer, len(run.task.train))
         if state.ref_params is not None:
             ckpt.save_reference(state.ref_params)  # the initial policy, once: every resume restores it
@@ -309,7 +319,8 @@ def initial_state(run: Run, ckpt, restored) -> tuple[TrainState, int]:
     else:
         start, params, saved, iterator_state, meta, reference = restored
         state = TrainState(step=saved["step"], params=params, opt_state=saved["opt_state"], ref_params=reference,
-                           guidance=saved["guidance"], rng=saved["rng"])
+                           guidance=saved["guidance"], rng=saved["rng"],
+                           base=run.params.with_adapters(None) if cfg.model.use_peft else None)
         run.iterator.restore(iterator_state)
         changed = [f"{key}: {old!r} -> {new!r}" for key, old, new in
                    config_differences(meta.get("config", {}), to_dict(cfg), RESUME_IGNORED)]
@@ -389,7 +400,7 @@ def rl_step(run: Run, loop: Loop, state: TrainState, step: int) -> tuple[TrainSt
            "tokens_per_sec": got.num_generated_tokens / dt, "time/step": dt,
            **{f"rewards/{name}/mean": float(values.mean()) for name, values in got.parts.items()}}
     if should_eval(step, run.cfg):
-        row.update(loop.evaluate(state.params))
+        row.update(loop.evaluate(policy_params(state)))
     every = run.cfg.train.log_completions_every
     if every and step % every == 0:
         sample = sample_completions(step, [run.task.train.examples[i].prompt for i in idx], got.texts, rewards, glen)
@@ -416,7 +427,7 @@ def report_step(cfg: Config, row: dict, bar) -> None:
 def finish(run: Run, state: TrainState, first: dict, last: dict) -> None:
     """The final params and summary.json of a run that reached train.max_steps."""
     cfg = run.cfg
-    if cfg.checkpoint.save_final:
+    if cfg.checkpoint.save_final:  # LoRA: the adapters (`g2rpo export` merges them or writes a PEFT adapter)
         log.info("final params saved to %s", save_params(run.out_dir / "final" / "params", state.params))
     summary = {"step0_eval_accuracy": first.get("eval/accuracy"), "final_eval_accuracy": last.get("eval/accuracy"),
                "steps": cfg.train.max_steps, "output_dir": str(run.out_dir)}
@@ -443,7 +454,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     try:
         with StopSignals() as signals:
             if start == 0:
-                first = loop.writer.write({"step": 0, **loop.evaluate(state.params)})
+                first = loop.writer.write({"step": 0, **loop.evaluate(policy_params(state))})
                 log.info("step 0 (warm start, before RL): held-out accuracy %.3f", first["eval/accuracy"])
             else:
                 first = next((row for row in loop.writer.rows if row.get("step") == 0), {})

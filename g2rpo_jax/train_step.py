@@ -1,6 +1,8 @@
 """Pure, jit-compiled pieces of one G²RPO-A step: rollout and update.
 
-The train state is one pytree: (step, params, opt_state, ref_params, guidance, rng). The
+The train state is one pytree: (step, params, opt_state, ref_params, guidance, rng, base). With
+LoRA (`model.use_peft`) ``params`` are the adapters, the only leaves the optimizer sees, and
+``base`` is the frozen (maybe quantized) rest of the model; `policy_params` joins them. The
 guidance-controller state travels inside it and is updated inside the jitted update, so the
 length L used by the next rollout is device data, never a static argument.
 Reward scoring sits between the two jitted calls on the host, because reward functions run
@@ -22,6 +24,7 @@ from g2rpo_jax.config import Config
 from g2rpo_jax.guidance import (GuidanceConfig, GuidanceState, guide_lengths, init_guidance_state, record_outcomes,
                                 update_guidance)
 from g2rpo_jax.logprobs import sequence_log_probs
+from g2rpo_jax.models.transformer import LoraParams
 from g2rpo_jax.loss import LossSettings, effective_mask, group_advantages, loss_metrics, loss_parts, loss_sums
 from g2rpo_jax.rollout import Rollout, SamplingParams, generate, generate_jit
 from g2rpo_jax.sharding import Placement, batch_divisor, jit_on_mesh, shard_state
@@ -35,6 +38,30 @@ class TrainState(flax.struct.PyTreeNode):
     ref_params: Any  # the frozen initial policy; None when loss.beta == 0 (no KL term to compute)
     guidance: GuidanceState
     rng: jax.Array
+    base: LoraParams | None = None  # LoRA: the frozen base (its adapters None); else None
+
+
+def with_base(params, base: LoraParams | None):
+    """The policy's weights from its trainable ``params`` (LoRA: the adapters over ``base``)."""
+    return params if base is None else base.with_adapters(params)
+
+
+def trainable_params(params):
+    """What the optimizer updates of a policy's weights: all of them, or a LoRA policy's adapters."""
+    return params.adapters if isinstance(params, LoraParams) else params
+
+
+def policy_params(state: TrainState):
+    """The weights the model runs with (works on a TrainState of shardings too)."""
+    return with_base(state.params, state.base)
+
+
+def reference_params(state: TrainState):
+    """The frozen reference policy: the stored copy, or with LoRA the base with every adapter zero
+    (which adds exactly 0), so LoRA keeps no second copy of the weights."""
+    if state.base is None:
+        return state.ref_params
+    return with_base(jax.tree.map(jnp.zeros_like, state.params), state.base)
 
 
 def learning_rate_schedule(learning_rate: float, total_steps: int, warmup_ratio: float,
@@ -94,12 +121,13 @@ def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: 
     def rollout(state: TrainState, prompt_ids, prompt_mask, guide_ids, trace_len, example_idx):
         rng, key = jax.random.split(state.rng)
         glen = guide_lengths(state.guidance, trace_len, num_generations, example_idx if per_prompt else None)
+        weights = policy_params(state)
         if micro_batches == 1:
-            out = generate_rows(state.params, prompt_ids, prompt_mask, guide_ids, glen, key)
+            out = generate_rows(weights, prompt_ids, prompt_mask, guide_ids, glen, key)
             return state.replace(rng=rng), out, glen
         rows = group_micro_batches((prompt_ids, prompt_mask, guide_ids, glen), micro_batches, num_generations)
         keys = jax.random.split(key, micro_batches)
-        out = jax.lax.map(lambda xs: generate_rows(state.params, *xs)._replace(context_length=0), (*rows, keys))
+        out = jax.lax.map(lambda xs: generate_rows(weights, *xs)._replace(context_length=0), (*rows, keys))
         out = merge_micro_batches(out._replace(context_length=None), micro_batches, num_generations)
         return state.replace(rng=rng), out._replace(context_length=prompt_ids.shape[1] + guide_ids.shape[1]), glen
 
@@ -185,9 +213,10 @@ def window_log_probs(graphdef, s: UpdateSettings, params, mb, remat=False, with_
                               with_entropy=with_entropy, scan=s.scan_layers)
 
 
-def micro_batch_loss(graphdef, s: UpdateSettings, params, mb, old_logp, ref_logp, batch_denominator):
-    """(this micro-batch's share of the whole batch's loss, its additive sums)."""
-    logp, entropy = window_log_probs(graphdef, s, params, mb, s.gradient_checkpointing, with_entropy=True)
+def micro_batch_loss(graphdef, s: UpdateSettings, base, params, mb, old_logp, ref_logp, batch_denominator):
+    """(this micro-batch's share of the whole batch's loss, its additive sums); differentiable in the
+    trainable ``params`` (LoRA: the adapters over the frozen ``base``)."""
+    logp, entropy = window_log_probs(graphdef, s, with_base(params, base), mb, s.gradient_checkpointing, with_entropy=True)
     w = logp.shape[1]
     sums = loss_sums(logp, old_logp, ref_logp, mb["advantages"], mb["completion_mask"][:, -w:],
                      mb["guidance_mask"][:, -w:], max_completion_length=s.max_completion_length,
@@ -198,11 +227,11 @@ def micro_batch_loss(graphdef, s: UpdateSettings, params, mb, old_logp, ref_logp
     return sums["loss_numerator"] / jnp.maximum(den, 1.0), sums
 
 
-def accumulated_grads(graphdef, s: UpdateSettings, params, micro, old_logp, ref_logp, batch_denominator,
+def accumulated_grads(graphdef, s: UpdateSettings, base, params, micro, old_logp, ref_logp, batch_denominator,
                       param_shardings=None):
-    """((loss, sums), gradients) summed over the micro-batches (a `lax.scan`); the running sum is
-    sharded like the params when ``param_shardings`` is given."""
-    grad_fn = jax.value_and_grad(functools.partial(micro_batch_loss, graphdef, s), has_aux=True)
+    """((loss, sums), gradients of ``params``) summed over the micro-batches (a `lax.scan`); the
+    running sum is sharded like the params when ``param_shardings`` is given."""
+    grad_fn = jax.value_and_grad(functools.partial(micro_batch_loss, graphdef, s, base), has_aux=True)
 
     def step(total, xs):
         return jax.tree.map(jnp.add, total, grad_fn(params, *xs, batch_denominator)), None
@@ -236,12 +265,12 @@ def make_update_fn(graphdef, optimizer: optax.GradientTransformation, schedule: 
         def logp_of(params):  # [k, B / k, w], no gradient
             return jax.lax.stop_gradient(jax.lax.map(lambda mb: window_log_probs(graphdef, s, params, mb), micro))
 
-        ref_logp = logp_of(state.ref_params) if s.loss.beta > 0 else None
+        ref_logp = logp_of(reference_params(state)) if s.loss.beta > 0 else None
         # With one update per batch the old policy is the current one (stop_gradient inside the loss).
-        old_logp = None if ni == 1 else logp_of(state.params)
+        old_logp = None if ni == 1 else logp_of(policy_params(state))
         params, opt_state = state.params, state.opt_state
         for _ in range(ni):
-            (loss, sums), grads = accumulated_grads(graphdef, s, params, micro, old_logp, ref_logp,
+            (loss, sums), grads = accumulated_grads(graphdef, s, state.base, params, micro, old_logp, ref_logp,
                                                     batch_denominator, param_shardings)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
@@ -291,12 +320,16 @@ def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sc
 def init_train_state(cfg: Config, params, optimizer: optax.GradientTransformation, num_train: int) -> TrainState:
     """Step 0's state around `params`: fresh optimizer moments, the reference policy as a separate
     copy (the update donates the state's buffers, and the reference stays frozen; none with
-    ``loss.beta == 0``, which never reads it), the guidance controller's initial state and the run's
-    RNG. Works under `jax.eval_shape` (compile.py)."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      ref_params=jax.tree.map(jnp.copy, params) if cfg.loss.beta > 0 else None,
+    ``loss.beta == 0``, which never reads it, or with LoRA, whose reference is its base), the
+    guidance controller's initial state and the run's RNG. ``params`` may be `LoraParams`: then the
+    adapters are the trainable params and the optimizer's only leaves. Works under `jax.eval_shape`
+    (compile.py)."""
+    base = params.with_adapters(None) if isinstance(params, LoraParams) else None
+    trainable = trainable_params(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=optimizer.init(trainable),
+                      ref_params=jax.tree.map(jnp.copy, params) if cfg.loss.beta > 0 and base is None else None,
                       guidance=init_guidance_state(resolved_guidance(cfg), num_train),
-                      rng=jax.random.PRNGKey(cfg.train.seed))
+                      rng=jax.random.PRNGKey(cfg.train.seed), base=base)
 
 
 def logprob_temperature(cfg: Config) -> float:
@@ -347,7 +380,7 @@ class StepFns:
     rollout: Callable  # (state, prompt_ids, prompt_mask, guide_ids, trace_len, example_idx) -> (state, Rollout, glen)
     update: Callable  # (state, batch, rewards, signal) -> (state, metrics)
     record: Callable  # (guidance, example_idx, correct, glen) -> guidance (per-prompt table)
-    generate_eval: Callable  # (params, prompt_ids, prompt_mask, rng) -> Rollout, greedy
+    generate_eval: Callable  # (policy_params(state), prompt_ids, prompt_mask, rng) -> Rollout, greedy
 
 
 def build_step_fns(cfg: Config, graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
@@ -372,5 +405,5 @@ def build_step_fns(cfg: Config, graphdef, optimizer: optax.GradientTransformatio
     greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, greedy=True, stop=stop)
     generate_eval = make_generate_fn(graphdef, greedy, eos_id=eos_id, pad_id=pad_id, rows=eval_rows,
                                      placement=placement,
-                                     param_shardings=None if state_shardings is None else state_shardings.params)
+                                     param_shardings=None if state_shardings is None else policy_params(state_shardings))
     return StepFns(rollout, update, record, generate_eval)

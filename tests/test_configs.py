@@ -162,10 +162,31 @@ def test_config_runs_one_step(name, tmp_runs):
 
 def test_real_model_configs_are_the_expected_ones():
     recipes = {"smollm2_gsm_symbolic", "qwen3_0.6b_math", "qwen3_1.7b_math", "qwen3_0.6b_code", "qwen3_1.7b_code",
-               "qwen3_8b_math"}
+               "qwen3_8b_math", *LORA_RECIPES}
     sft = {f"sft_{r}" for r in ("smollm2_gsm_symbolic", "qwen3_0.6b_math", "qwen3_1.7b_math", "qwen3_0.6b_code",
                                 "qwen3_1.7b_code")}
     assert set(REAL_MODEL) == recipes | sft and set(SFT_BASELINES) == sft
+
+
+LORA_RECIPES = {"qwen3_8b_math_lora": "none", "qwen3_8b_math_qlora": "nf4", "smollm2_gsm_symbolic_lora": "none"}
+
+
+@pytest.mark.parametrize("name", sorted(LORA_RECIPES))
+def test_lora_recipe_is_its_full_recipe_with_adapters(name):
+    """A LoRA recipe is its full fine-tune's copy: the same data, rollout, guidance, reward and loss; it
+    changes the model's adapters, the learning rate and (for the 8B slice) how the step is laid out."""
+    base, keys = header(CONFIG_DIR / f"{name}.yaml")
+    assert name.startswith(base + "_") and differing_keys(base, name) == keys
+    layout = {"optim.gradient_accumulation_steps", "rollout.generation_micro_batches", "mesh.data", "mesh.fsdp",
+              "mesh.tensor", "model.param_dtype"}
+    assert {k for k in keys if not k.startswith(("model.use_peft", "model.lora_", "model.base_quantization"))} <= \
+        layout | {"optim.learning_rate", "train.output_dir"}
+    cfg, full = load_config(str(CONFIG_DIR / f"{name}.yaml")), load_config(str(CONFIG_DIR / f"{base}.yaml"))
+    m = cfg.model
+    assert m.use_peft and m.lora_r >= 8 and m.lora_alpha == 2 * m.lora_r and m.base_quantization == LORA_RECIPES[name]
+    assert cfg.optim.learning_rate == 10 * full.optim.learning_rate and cfg.train.output_dir == f"runs/{name}"
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.num_generations  # the same batch, split differently
+    assert rows % cfg.optim.gradient_accumulation_steps == 0 and rows % cfg.rollout.generation_micro_batches == 0
 
 
 @pytest.mark.parametrize("name", SFT_BASELINES)

@@ -13,6 +13,9 @@ from g2rpo_jax.models.rope import REQUIRED as ROPE_SCALING_TYPES
 from g2rpo_jax.models.rope import scaling_from_hf, scaling_to_hf
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# The decoder's linear layers, by transformers' names (PEFT's target_modules; models/lora.py).
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BASE_QUANTIZATIONS = ("none", "int8", "nf4")
 _DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("xla", "splash")
 

@@ -19,8 +19,9 @@ Public functional API: :func:`init_model`, :func:`init_cache`, :func:`forward`,
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -51,7 +52,8 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         dt = self.compute_dtype
-        y = jnp.dot(x.astype(dt), self.kernel[...].astype(dt))
+        # jnp.asarray, not .astype: a qwix-quantized kernel (QLoRA) is dequantized by asarray only
+        y = jnp.dot(x.astype(dt), jnp.asarray(self.kernel[...], dt))
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
         return y
@@ -263,6 +265,28 @@ class Transformer(nnx.Module):
 
 
 # ---------------------------------------------------------------------------- functional API
+class LoraParams(flax.struct.PyTreeNode):
+    """A LoRA policy's weights (models/lora.py): trainable adapters over a frozen base, which may be
+    qwix-quantized (QLoRA). Every function below that takes ``params`` takes this as well."""
+
+    adapters: Any  # nnx.State of the `*_lora_a` / `*_lora_b` leaves; None in a state's frozen half
+    base: Any  # nnx.State of every other leaf (the graphdef's third part)
+    compute_dtype: str = flax.struct.field(pytree_node=False, default="float32")
+
+    def with_adapters(self, adapters) -> "LoraParams":
+        return self.replace(adapters=adapters)
+
+
+def merge_module(graphdef, params) -> nnx.Module:
+    """The module of ``(graphdef, params)``: one nnx.State, or LoraParams, whose adapters are cast to
+    the compute dtype (they are stored, and optimised, in the param dtype)."""
+    if not isinstance(params, LoraParams):
+        return nnx.merge(graphdef, params)
+    dt = _dtype(params.compute_dtype)
+    adapters = jax.tree.map(lambda x: x.astype(dt), params.adapters)
+    return nnx.merge(graphdef, adapters, params.base)
+
+
 def init_model(cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
     """Build a randomly initialised model; returns ``(graphdef, params)``."""
     cfg.validate()
@@ -273,7 +297,7 @@ def init_model(cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
 
 def get_config(graphdef, params) -> ModelConfig:
     """The :class:`ModelConfig` stored in the model graph (works inside jit)."""
-    return nnx.merge(graphdef, params).config
+    return merge_module(graphdef, params).config
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
@@ -301,7 +325,7 @@ def forward(graphdef, params, input_ids, positions, attention_mask, cache=None, 
     ``scan`` (without a cache): run the layers as one ``lax.scan`` (`model.scan_layers`), the same
     function compiled once per layer shape instead of once per layer.
     """
-    model = nnx.merge(graphdef, params)
+    model = merge_module(graphdef, params)
     hidden, new_cache = model.hidden_states(jnp.asarray(input_ids, jnp.int32),
                                             jnp.asarray(positions, jnp.int32),
                                             jnp.asarray(attention_mask), cache, cache_index, remat, scan)
@@ -312,13 +336,13 @@ def forward(graphdef, params, input_ids, positions, attention_mask, cache=None, 
 
 def lm_head_logits(graphdef, params, hidden):
     """float32 logits ``[..., V]`` from final-normed hidden states ``[..., H]`` (tied or untied)."""
-    return nnx.merge(graphdef, params).logits(hidden)
+    return merge_module(graphdef, params).logits(hidden)
 
 
 def lm_head_weight(graphdef, params):
     """The LM head as ``[V, H]`` in the compute dtype (the embedding when tied), for callers that
     apply it block by block instead of through :func:`lm_head_logits`."""
-    model = nnx.merge(graphdef, params)
+    model = merge_module(graphdef, params)
     dt = _dtype(model.config.dtype)
     if model.lm_head is None:
         return model.embed_tokens.embedding[...].astype(dt)
@@ -326,4 +350,8 @@ def lm_head_weight(graphdef, params):
 
 
 def count_params(params) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(params)))
+    """Parameters of the model (a quantized kernel counts its values, not its scales)."""
+    if isinstance(params, LoraParams):
+        return count_params(params.adapters) + count_params(params.base)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return int(sum(x.size for path, x in leaves if not sharding.path_name(path).endswith(".array.scale")))

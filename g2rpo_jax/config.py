@@ -83,6 +83,16 @@ class DataConfig:
     num_test: int = 200  # held-out problems (at most this many rows of test_split)
     test_min_steps: int = 4
     test_max_steps: int = 6
+    # Teacher-trace knobs of the embedded task (issue 18; each off by default, seeded by data.seed).
+    # trace_error_rate: this fraction of the train traces (and of the warm start's) has one wrong step
+    # result carried to the end, so its final answer is wrong; the gold answer (the reward's) stays
+    # true. trace_style: plain (the student's own format) or verbose (an off-policy teacher: each step
+    # a sentence, 18-19 tokens instead of 6; raise max_guidance_length or set truncate_guidance).
+    trace_error_rate: float = 0.0
+    trace_style: Literal["plain", "verbose"] = "plain"
+    # [min, max] steps of a second held-out split, above the trained range (e.g. [6, 8]; needs
+    # question_slots >= max): evaluation reports eval/accuracy_beyond next to eval/accuracy. null: none.
+    eval_beyond_steps: Optional[list[int]] = None
     max_prompt_length: int = 48
     max_guidance_length: int = 40
     # A trace longer than max_guidance_length: false makes it a malformed row (on_error); true keeps
@@ -183,6 +193,10 @@ class WarmStartConfig:
     num_examples: Optional[int] = None
     min_steps: int = 1  # embedded only: the generated problems' step range
     max_steps: int = 2
+    # embedded only: true trains on clean plain traces whatever data.trace_error_rate / data.trace_style
+    # say (the student's own prior, as a pretrained model brings one); false (default) on the same
+    # teacher traces as RL's guidance, as the sft baseline's "SFT on the same traces" needs
+    clean_traces: bool = False
     # the batch goes through the model this many micro-batches at a time (gradients summed, one
     # optimizer step); optim.gradient_checkpointing and model.scan_layers apply to SFT too
     gradient_accumulation_steps: int = 1
@@ -446,16 +460,40 @@ def _validate_data(cfg: Config) -> None:
         check(d.train_min_steps <= d.train_max_steps, "data.train_min_steps must be <= data.train_max_steps")
         check(d.test_min_steps <= d.test_max_steps, "data.test_min_steps must be <= data.test_max_steps")
         check(r.prompts_per_step <= d.num_train, "rollout.prompts_per_step must be <= data.num_train")
-        hardest = max(d.train_max_steps, d.test_max_steps, cfg.warm_start.max_steps)
+        _validate_teacher_traces(cfg)
+        hardest = max(d.train_max_steps, d.test_max_steps, cfg.warm_start.max_steps, *(d.eval_beyond_steps or []))
         check(hardest <= d.question_slots, f"problems of {hardest} steps do not fit data.question_slots="
               f"{d.question_slots}; raise data.question_slots to at least {hardest}")
     else:
+        check(d.trace_error_rate == 0 and d.trace_style == "plain" and d.eval_beyond_steps is None,
+              f"data.trace_error_rate, data.trace_style and data.eval_beyond_steps rewrite or draw the embedded "
+              f"task's worksheets; with data.source={d.source} leave them at 0, plain and null")
         check(bool(d.dataset_name), f"data.dataset_name is required with data.source={d.source} (hf: a hub id or "
               "local file(s) or directory; reasoning_gym: a generator such as gsm_symbolic; tfds: a builder name)")
         check(d.num_train >= 1 or (d.num_train == -1 and d.source in ("hf", "tfds", "code_cot")),
               "data.num_train must be >= 1 (or -1 for every row, with data.source=hf, tfds or code_cot)")
         check(d.num_train == -1 or r.prompts_per_step <= d.num_train,
               "rollout.prompts_per_step must be <= data.num_train")
+
+
+def _validate_teacher_traces(cfg: Config) -> None:
+    """The embedded task's issue-18 knobs: error rate, and the beyond-range held-out split."""
+    d = cfg.data
+    check(0.0 <= d.trace_error_rate <= 1.0, f"data.trace_error_rate={d.trace_error_rate} must be in [0, 1] (the "
+          "fraction of train traces with one wrong step; 0 = off)")
+    if d.eval_beyond_steps is None:
+        return
+    steps = d.eval_beyond_steps
+    check(len(steps) == 2 and 1 <= steps[0] <= steps[1], f"data.eval_beyond_steps={steps} must be [min_steps, "
+          "max_steps] with 1 <= min_steps <= max_steps, e.g. [6, 8] (null: no beyond-range split)")
+    trained = max(d.train_max_steps, cfg.warm_start.max_steps if cfg.warm_start.enabled else 0)
+    check(steps[0] > trained, f"data.eval_beyond_steps={steps} must start above every trained step count ("
+          f"data.train_max_steps={d.train_max_steps}, warm_start.max_steps={cfg.warm_start.max_steps}); set its "
+          f"first value to at least {trained + 1}")
+    need = len("0+0=0;") * steps[1] + len("#0")  # the plain solution, one token per character
+    check(cfg.model.model_name_or_path is not None or cfg.eval.max_new_tokens >= need,
+          f"eval.max_new_tokens={cfg.eval.max_new_tokens} cannot hold the {need}-token solution of the longest "
+          f"problems of data.eval_beyond_steps ({steps[1]} steps); raise eval.max_new_tokens to at least {need}")
 
 
 def _validate_warm_start(cfg: Config) -> None:

@@ -16,9 +16,9 @@ from typing import Optional
 import numpy as np
 
 # Shown in the progress bar and the periodic console line, in this order.
-CONSOLE_KEYS = ("reward", "frac_reward_zero_std", "guidance/length", "kl", "eval/accuracy")
+CONSOLE_KEYS = ("reward", "frac_reward_zero_std", "guidance/length", "kl", "eval/accuracy", "eval/accuracy_beyond")
 _SHORT = {"reward": "rew", "frac_reward_zero_std": "zero_std", "guidance/length": "L", "kl": "kl",
-          "eval/accuracy": "eval_acc"}
+          "eval/accuracy": "eval_acc", "eval/accuracy_beyond": "eval_beyond"}
 
 
 def to_python(value):

@@ -42,6 +42,7 @@ class TaskData:
     tokenizer: object
     train: TokenizedDataset
     test: TokenizedDataset
+    beyond: TokenizedDataset | None = None  # held-out problems beyond the trained range (data.eval_beyond_steps)
 
 
 def uses_guidance(cfg: Config) -> bool:
@@ -57,8 +58,9 @@ def policy_tokenizer(cfg: Config):
 
 def load_task(cfg: Config) -> TaskData:
     """Tokenizer (the pretrained checkpoint's, else the embedded one), RL training problems and held-out
-    test problems from ``data.source`` (g2rpo_jax/data/sources.py), tokenized once. Skipped rows are
-    reported in one log line per split."""
+    test problems from ``data.source`` (g2rpo_jax/data/sources.py), tokenized once; with
+    ``data.eval_beyond_steps`` the beyond-range held-out problems too. Skipped rows are reported in one
+    log line per split."""
     d = cfg.data
     tokenizer = policy_tokenizer(cfg)
     splits = load_examples(d, require_guidance=uses_guidance(cfg))
@@ -69,7 +71,7 @@ def load_task(cfg: Config) -> TaskData:
                                           on_error=d.on_error, system_prompt=d.system_prompt,
                                           enable_thinking=d.enable_thinking, warn=False,
                                           # evaluation never uses a trace: a long one is no reason to skip
-                                          truncate_guidance=d.truncate_guidance or name == "test")
+                                          truncate_guidance=d.truncate_guidance or name != "train")
         except ValueError as e:
             raise ConfigError(f"data ({name}): {e}") from None
         skipped = {**split.skipped, **out[name].dropped}
@@ -79,7 +81,7 @@ def load_task(cfg: Config) -> TaskData:
     if len(out["train"]) < cfg.rollout.prompts_per_step:
         raise ConfigError(f"only {len(out['train'])} training problems, fewer than rollout.prompts_per_step="
                           f"{cfg.rollout.prompts_per_step}; lower it or add data")
-    return TaskData(tokenizer, out["train"], out["test"])
+    return TaskData(tokenizer, out["train"], out["test"], out.get("beyond"))
 
 
 def resolve_model_config(cfg: Config, tokenizer):

@@ -54,10 +54,13 @@ def run_dir(output_root: str | Path, label: str, seed: int) -> Path:
 def run_stats(rows: list[dict]) -> dict:
     """Per-run numbers for the table."""
     acc = series(rows, "eval/accuracy")
+    beyond = series(rows, "eval/accuracy_beyond")  # data.eval_beyond_steps: problems longer than any trained
     zero = [v for s, v in series(rows, "frac_reward_zero_std").items() if 1 <= s <= ZERO_STD_STEPS]
     return {
         "step0": acc.get(0),
         "final": acc[max(acc)] if acc else None,
+        "step0_beyond": beyond.get(0),
+        "final_beyond": beyond[max(beyond)] if beyond else None,
         "final_step": max(acc) if acc else None,
         "zero_std_first": sum(zero) / len(zero) if zero else None,
         "rl_steps": max((int(r["step"]) for r in rows), default=0),
@@ -152,21 +155,56 @@ def build_table(methods: dict, baseline: Optional[str] = "grpo") -> str:
               f"every run); step 0 is the model before RL. frac_reward_zero_std is the fraction of groups whose "
               f"rewards all tie (no learning signal), averaged over RL steps 1-{ZERO_STD_STEPS}; n/a for runs "
               "without RL steps."]
-    if baseline in summary and summary[baseline][0] is not None and len(summary) > 1:
-        b_mean, b_std, b_n = summary[baseline]
-        lines += ["", f"Difference of final held-out accuracy from `{baseline}` (mean difference; spread = "
-                  "sqrt(std_a²/n_a + std_b²/n_b), the standard error of the difference):", "",
-                  "| method | difference | spread |", "|---|---|---|"]
-        for label, (mean, std, n) in summary.items():
-            if label == baseline or mean is None:
-                continue
-            spread = None if std is None or b_std is None else math.sqrt(std ** 2 / n + b_std ** 2 / b_n)
-            lines.append(f"| {label} | {mean - b_mean:+.3f} | {format_number(spread)} |")
+    lines += differences_table(summary, baseline, "final held-out accuracy")
+    lines += beyond_table(methods, baseline)
     lines += ["", "Rollout budget per run (RL steps x prompts x rollouts; warm-start / SFT stage):", ""]
     for label, m in methods.items():
         budgets = sorted({_budget_text(r["config"]) for r in m["runs"].values()}) or ["no finished run"]
         lines.append(f"- `{label}`: {'; '.join(budgets)}")
     return "\n".join(lines)
+
+
+def differences_table(summary: dict, baseline: Optional[str], what: str) -> list[str]:
+    """Lines of the table of each method's difference from ``baseline`` (``summary``: label -> (mean,
+    std, n)) with the standard error of the difference; none without a baseline to compare with."""
+    if baseline not in summary or summary[baseline][0] is None or len(summary) < 2:
+        return []
+    b_mean, b_std, b_n = summary[baseline]
+    lines = ["", f"Difference of {what} from `{baseline}` (mean difference; spread = "
+             "sqrt(std_a²/n_a + std_b²/n_b), the standard error of the difference):", "",
+             "| method | difference | spread |", "|---|---|---|"]
+    for label, (mean, std, n) in summary.items():
+        if label == baseline or mean is None:
+            continue
+        spread = None if std is None or b_std is None else math.sqrt(std ** 2 / n + b_std ** 2 / b_n)
+        lines.append(f"| {label} | {mean - b_mean:+.3f} | {format_number(spread)} |")
+    return lines
+
+
+def beyond_table(methods: dict, baseline: Optional[str] = "grpo") -> list[str]:
+    """Lines of the table of the accuracy on held-out problems longer than any trained
+    (``eval/accuracy_beyond``, data.eval_beyond_steps) and its differences from ``baseline``; none
+    when no run logged it."""
+    rows, summary = [], {}
+    for label, m in methods.items():
+        runs = m["runs"]
+        seeds = [s for s in sorted(runs) if runs[s]["stats"]["final_beyond"] is not None]
+        finals = [runs[s]["stats"]["final_beyond"] for s in seeds]
+        step0 = [runs[s]["stats"]["step0_beyond"] for s in seeds if runs[s]["stats"]["step0_beyond"] is not None]
+        if not finals:
+            continue
+        mean, std = mean_std(finals)
+        summary[label] = (mean, std, len(finals))
+        acc_text = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+        rows.append(f"| {label} | {', '.join(map(str, seeds))} | {acc_text} | {format_number(min(finals))} | "
+                    f"{format_number(max(finals))} | {', '.join(format_number(v) for v in finals)} | "
+                    f"{format_number(mean_std(step0)[0])} |")
+    if not rows:
+        return []
+    lines = ["", "Held-out problems longer than any trained (data.eval_beyond_steps; the same greedy evaluation):", "",
+             "| method | seeds | final beyond-range accuracy, mean ± std | min | max | per seed | step-0 accuracy (mean) |",
+             "|---|---|---|---|---|---|---|", *rows]
+    return lines + differences_table(summary, baseline, "final beyond-range accuracy")
 
 
 def provenance(methods: dict) -> dict:

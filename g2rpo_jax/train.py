@@ -50,23 +50,37 @@ from g2rpo_jax.warm_start import warm_start
 log = logging.getLogger("g2rpo_jax")
 
 
-def make_evaluator(generate_fn, tokenizer, test: TokenizedDataset, cfg: Config, pool=None):
+def held_out_accuracy(generate_fn, tokenizer, ds: TokenizedDataset, n: int, rows: int, reward_fn, params) -> float:
+    """Mean reward of greedy completions of the first ``n`` problems of ``ds``, generated ``rows`` at a
+    time (the compiled batch: the last chunk wraps around to fill it and its extras are dropped)."""
+    correct = []
+    for start in range(0, n, rows):
+        idx = np.arange(start, start + rows) % n
+        texts = decode_texts(tokenizer, generate_fn(params, ds.prompt_ids[idx], ds.prompt_mask[idx],
+                                                    jax.random.PRNGKey(0)))
+        keep = min(rows, n - start)
+        correct += reward_fn(texts[:keep], [ds.answers[i] for i in idx[:keep]])
+    return float(np.mean(correct))
+
+
+def make_evaluator(generate_fn, tokenizer, test: TokenizedDataset, cfg: Config, pool=None,
+                   beyond: TokenizedDataset | None = None):
     """Greedy accuracy on held-out problems (no guidance), in chunks of `eval_batch_rows(cfg, test)`
     rows (one compile): `generate_fn` is `StepFns.generate_eval`. Accuracy is the reward that drives
-    the guidance controller (``reward.controller_signal``)."""
+    the guidance controller (``reward.controller_signal``). With ``beyond`` (the problems longer than
+    any trained, data.eval_beyond_steps) also ``eval/accuracy_beyond``, in chunks of the same size."""
     n, bs = min(cfg.eval.num_problems, len(test.answers)), eval_batch_rows(cfg, len(test.answers))
     signal = cfg.reward.controller_signal
     reward_fn = configured_rewards([signal], cfg.reward, pool, evaluation=True)[signal]
 
     def evaluate(params) -> dict:
-        correct = []
-        for start in range(0, n, bs):
-            idx = np.arange(start, start + bs) % n  # the last chunk wraps around; extras are dropped
-            texts = decode_texts(tokenizer, generate_fn(params, test.prompt_ids[idx], test.prompt_mask[idx],
-                                                        jax.random.PRNGKey(0)))
-            keep = min(bs, n - start)
-            correct += reward_fn(texts[:keep], [test.answers[i] for i in idx[:keep]])
-        return {"eval/accuracy": float(np.mean(correct)), "eval/num_problems": n}
+        row = {"eval/accuracy": held_out_accuracy(generate_fn, tokenizer, test, n, bs, reward_fn, params),
+               "eval/num_problems": n}
+        if beyond is not None:
+            nb = min(cfg.eval.num_problems, len(beyond.answers))
+            row["eval/accuracy_beyond"] = held_out_accuracy(generate_fn, tokenizer, beyond, nb, bs, reward_fn, params)
+            row["eval/num_problems_beyond"] = nb
+        return row
 
     return evaluate
 
@@ -236,6 +250,19 @@ class Run:
         return json.loads(json.dumps(dataclasses.asdict(self.model_cfg)))
 
 
+def task_text(cfg: Config, task: TaskData) -> str:
+    """What the problems are, for the run's first log line."""
+    d = cfg.data
+    if d.source != "embedded":
+        return f"{d.source} {d.dataset_name}"
+    text = f"difficulty {d.train_min_steps}-{d.train_max_steps} / {d.test_min_steps}-{d.test_max_steps}"
+    if d.trace_error_rate or d.trace_style != "plain":
+        text += f"; {d.trace_style} traces, {d.trace_error_rate:.0%} of them with a wrong step"
+    if task.beyond is not None:
+        text += f"; {len(task.beyond.answers)} held-out problems of {d.eval_beyond_steps[0]}-{d.eval_beyond_steps[1]} steps"
+    return text
+
+
 def prepare_run(cfg: Config) -> Run:
     """Task, policy, optimizer, mesh and prompt iterator of a run; the memory plan logged."""
     out_dir = Path(cfg.train.output_dir)
@@ -258,9 +285,7 @@ def prepare_run(cfg: Config) -> Run:
     log.info("model %s%s: %.2fM params; %d train / %d held-out problems (%s)", model_cfg.model_type,
              f" from {cfg.model.model_name_or_path}" if cfg.model.model_name_or_path else "",
              count_params(params) / 1e6, len(task.train.answers), len(task.test.answers),
-             f"difficulty {cfg.data.train_min_steps}-{cfg.data.train_max_steps} / {cfg.data.test_min_steps}-"
-             f"{cfg.data.test_max_steps}" if cfg.data.source == "embedded"
-             else f"{cfg.data.source} {cfg.data.dataset_name}")
+             task_text(cfg, task))
     r = cfg.rollout
     optimizer, schedule = build_optimizer(cfg)
     check_batch(placement.mesh, r.prompts_per_step, r.num_generations, cfg.optim.gradient_accumulation_steps)
@@ -368,7 +393,7 @@ def open_loop(run: Run, state: TrainState, start: int) -> Loop:
         truncate_jsonl(completions_path, start)
     else:
         completions_path.write_text("")
-    return Loop(fns, make_evaluator(fns.generate_eval, tok, run.task.test, cfg, pool),
+    return Loop(fns, make_evaluator(fns.generate_eval, tok, run.task.test, cfg, pool, run.task.beyond),
                 configured_rewards(names, cfg.reward, pool), cfg.reward.reward_weights or [1.0] * len(names), pool,
                 writer, completions_path)
 
@@ -431,10 +456,17 @@ def finish(run: Run, state: TrainState, first: dict, last: dict) -> None:
         log.info("final params saved to %s", save_params(run.out_dir / "final" / "params", state.params))
     summary = {"step0_eval_accuracy": first.get("eval/accuracy"), "final_eval_accuracy": last.get("eval/accuracy"),
                "steps": cfg.train.max_steps, "output_dir": str(run.out_dir)}
+    if "eval/accuracy_beyond" in last:  # data.eval_beyond_steps: the problems longer than any trained
+        summary.update(step0_eval_accuracy_beyond=first.get("eval/accuracy_beyond"),
+                       final_eval_accuracy_beyond=last["eval/accuracy_beyond"])
     (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("done: held-out accuracy %s (step 0) -> %s (step %d); metrics in %s",
              format_number(summary["step0_eval_accuracy"]), format_number(summary["final_eval_accuracy"]), cfg.train.max_steps,
              run.out_dir / "metrics.jsonl")
+    if "final_eval_accuracy_beyond" in summary:
+        log.info("done: held-out accuracy beyond the trained range (%s steps) %s (step 0) -> %s",
+                 "-".join(map(str, cfg.data.eval_beyond_steps)), format_number(summary["step0_eval_accuracy_beyond"]),
+                 format_number(summary["final_eval_accuracy_beyond"]))
 
 
 def train(cfg: Config, *, stop_after: int | None = None) -> dict:
@@ -455,7 +487,9 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
         with StopSignals() as signals:
             if start == 0:
                 first = loop.writer.write({"step": 0, **loop.evaluate(policy_params(state))})
-                log.info("step 0 (warm start, before RL): held-out accuracy %.3f", first["eval/accuracy"])
+                log.info("step 0 (warm start, before RL): held-out accuracy %.3f%s", first["eval/accuracy"],
+                         f", beyond the trained range {first['eval/accuracy_beyond']:.3f}"
+                         if "eval/accuracy_beyond" in first else "")
             else:
                 first = next((row for row in loop.writer.rows if row.get("step") == 0), {})
             last = loop.writer.rows[-1] if loop.writer.rows else first

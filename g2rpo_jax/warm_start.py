@@ -2,8 +2,9 @@
 
 What it trains on (`sft_examples`): with the embedded task, RL on a randomly initialised model would
 never see a correctly formatted answer, so a short SFT stage teaches the format on easy generated
-problems (warm_start.min_steps..max_steps) and RL has to generalise to harder ones. With any other
-data.source it trains on the traces that guide RL: the train split's guidance column (the same rows,
+problems (warm_start.min_steps..max_steps) and RL has to generalise to harder ones; their traces are
+the teacher's, as RL's guidance (data.trace_error_rate, data.trace_style), unless
+warm_start.clean_traces. With any other data.source it trains on the traces that guide RL: the train split's guidance column (the same rows,
 order and held-out split as RL; rows without a trace left out), at most warm_start.num_examples of them.
 Prompts are rendered as RL renders them (chat template, data.system_prompt, data.enable_thinking);
 the target is the trace plus EOS, and rows over data.max_prompt_length / data.max_guidance_length
@@ -30,7 +31,7 @@ import optax
 
 from g2rpo_jax.checkpoint import load_params, save_params
 from g2rpo_jax.config import ConfigError
-from g2rpo_jax.data.embedded import generate_problems
+from g2rpo_jax.data.embedded import generate_problems, num_wrong_traces, teacher_traces
 from g2rpo_jax.data.pipeline import sft_arrays, sft_lengths, tokenize_examples
 from g2rpo_jax.data.sources import columns_for, load_examples, skip_summary
 from g2rpo_jax.logprobs import token_log_probs
@@ -46,6 +47,9 @@ EMBEDDED_NUM_EXAMPLES = 4000  # warm_start.num_examples null with the embedded t
 # The embedded task's key names these data settings (its SFT problems depend on nothing else). Other
 # sources' keys hold the whole data section and a digest of the SFT token arrays.
 _EMBEDDED_KEY_DATA = ("source", "seed", "modulus", "question_slots", "max_prompt_length", "max_guidance_length")
+# The embedded task's issue-18 data knobs (teacher traces, beyond-range split) and their defaults (off):
+# keys name them only when they shape the SFT data.
+EMBEDDED_KNOB_DEFAULTS = {"trace_error_rate": 0.0, "trace_style": "plain", "eval_beyond_steps": None}
 
 
 def _digest(arrays: dict) -> str:
@@ -65,7 +69,8 @@ def warm_start_key(cfg, model_cfg, tokenizer, arrays: dict | None = None) -> str
     an edited data file under the same name is a new key. How the batch is computed
     (gradient_accumulation_steps, remat, mesh) changes float rounding only and is left out."""
     ws = dataclasses.asdict(cfg.warm_start)
-    for k in ("cache_dir", "use_cache", "enabled", "gradient_accumulation_steps"):
+    # clean_traces acts through the data it selects (`teacher_knobs` below), so it is not keyed itself
+    for k in ("cache_dir", "use_cache", "enabled", "gradient_accumulation_steps", "clean_traces"):
         ws.pop(k)
     d = cfg.data
     if d.source == "embedded":
@@ -73,8 +78,10 @@ def warm_start_key(cfg, model_cfg, tokenizer, arrays: dict | None = None) -> str
         data = {k: getattr(d, k) for k in _EMBEDDED_KEY_DATA}
         # the rendered prompt's settings: only when set, so the default's key stays the old one
         data.update({k: getattr(d, k) for k in ("system_prompt", "enable_thinking") if getattr(d, k) is not None})
+        data.update(teacher_knobs(cfg))  # only when set, as above
     else:
-        data = dataclasses.asdict(d)
+        # the teacher-trace knobs are the embedded task's (always off here): out, so keys stay as they were
+        data = {k: v for k, v in dataclasses.asdict(d).items() if k not in EMBEDDED_KNOB_DEFAULTS}
         data["sft_arrays"] = _digest(sft_dataset(cfg, tokenizer) if arrays is None else arrays)
     payload = {
         "version": _CACHE_VERSION,
@@ -130,6 +137,16 @@ def make_sft_step(graphdef, optimizer, *, gradient_accumulation_steps: int = 1, 
     return jit_on_mesh(step, mesh, donate_argnums=(0, 1))
 
 
+def teacher_knobs(cfg) -> dict:
+    """The embedded task's teacher-trace settings that shape the warm start's traces (data.trace_error_rate,
+    data.trace_style): those off their defaults, none with warm_start.clean_traces."""
+    d = cfg.data
+    if d.source != "embedded" or cfg.warm_start.clean_traces:
+        return {}
+    return {k: v for k, v in (("trace_error_rate", d.trace_error_rate), ("trace_style", d.trace_style))
+            if v != EMBEDDED_KNOB_DEFAULTS[k]}
+
+
 def sft_examples(cfg) -> tuple[list, str]:
     """The warm start's examples and a line saying what they are (see the module docstring)."""
     ws, d = cfg.warm_start, cfg.data
@@ -137,7 +154,12 @@ def sft_examples(cfg) -> tuple[list, str]:
         n = ws.num_examples or EMBEDDED_NUM_EXAMPLES
         examples = generate_problems(n, ws.min_steps, ws.max_steps, seed=d.seed + 1000, modulus=d.modulus,
                                      slots=d.question_slots)
-        return examples, f"{n} generated {ws.min_steps}-{ws.max_steps} step problems"
+        what = f"{n} generated {ws.min_steps}-{ws.max_steps} step problems"
+        if teacher_knobs(cfg):  # the teacher's traces, as RL's guidance sees them
+            examples = teacher_traces(examples, d.trace_error_rate, d.trace_style, d.seed + 1000, d.modulus)
+            what += (f" ({d.trace_style} traces, {num_wrong_traces(n, d.trace_error_rate)} of them with a wrong "
+                     "step)")
+        return examples, what
     # The train split exactly as RL reads it (rows, order, held-out split), traces not required so that
     # rows without one are left out here rather than failing the run (vanilla GRPO's data may lack them).
     split = load_examples(d, require_guidance=False)["train"]

@@ -16,6 +16,12 @@ its length is fixed: every solution token then sits at one constant distance fro
 token, the same for every step and every problem size. Harder problems are harder because errors
 compound over more steps, not because they need attention patterns never seen before.
 Difficulty is the number of steps.
+
+Teacher-trace knobs (issue 18; each off by default, each seeded): `teacher_traces` gives a fraction of
+the traces one wrong step result, carried to the end (``data.trace_error_rate``), and can write them
+in an off-policy ``verbose`` style, about three times as many tokens per step (``data.trace_style``);
+the gold answer stays the true one. `beyond_problems` draws held-out problems with more steps than any
+trained (``data.eval_beyond_steps``).
 """
 
 from __future__ import annotations
@@ -65,23 +71,52 @@ def worksheet(first: int, ops: list[str], digits: list[int], slots: int = DEFAUL
     return "".join(steps).ljust(slots * STEP_WIDTH)
 
 
+Step = tuple  # (left operand, operator, digit, written result) of one solution step
+
+TRACE_STYLES = ("plain", "verbose")
+_OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+
+
+def solution_steps(first: int, ops: list[str], digits: list[int], modulus: int = 10,
+                   error: tuple[int, int] | None = None) -> list[Step]:
+    """The filled-in steps of a worksheet. ``error=(k, v)`` writes ``v`` as step k's result instead of
+    the true one; every later step then starts from ``v`` and is computed correctly (the mistake is
+    carried to the end, as in a teacher trace with one slip)."""
+    steps, value = [], first
+    for k, (op, b) in enumerate(zip(ops, digits)):
+        result = _apply(value, op, b, modulus)
+        if error is not None and k == error[0]:
+            result = error[1]
+        steps.append((value, op, b, result))
+        value = result
+    return steps
+
+
+def render_trace(steps: list[Step], style: str = "plain") -> str:
+    """A trace in ``style``: ``plain`` is the student's own format ``3+5=8;8*2=6;#6``; ``verbose`` (an
+    off-policy teacher) writes each step as a sentence restating its operands, ``3 plus 5 equals 8;``
+    (18-19 tokens a step instead of 6). Both end in ``#`` and the trace's final result, the answer format
+    the rewards read."""
+    if style == "plain":
+        body = ";".join(f"{a}{op}{b}={c}" for a, op, b, c in steps)
+    elif style == "verbose":
+        body = ";".join(f"{a} {_OP_WORDS[op]} {b} equals {c}" for a, op, b, c in steps)
+    else:
+        raise ValueError(f"unknown trace style {style!r}; expected one of {TRACE_STYLES}")
+    return f"{body};#{steps[-1][3]}"
+
+
 def make_problem(rng: np.random.Generator, num_steps: int, modulus: int = 10, slots: int = DEFAULT_SLOTS) -> Example:
     """One problem with ``num_steps`` operations, drawn from ``rng``."""
     _check_modulus(modulus)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-    value = first = int(rng.integers(0, modulus))
+    first = int(rng.integers(0, modulus))
     ops = [OPS[int(i)] for i in rng.integers(0, len(OPS), size=num_steps)]
     digits = [int(d) for d in rng.integers(0, modulus, size=num_steps)]
-    steps = []
-    for op, b in zip(ops, digits):
-        result = _apply(value, op, b, modulus)
-        steps.append(f"{value}{op}{b}={result}")
-        value = result
-    answer = str(value)
-    guidance = ";".join(steps) + ";#" + answer
-    return Example(prompt=worksheet(first, ops, digits, slots), answer=answer, guidance=guidance,
-                   difficulty=num_steps)
+    steps = solution_steps(first, ops, digits, modulus)
+    return Example(prompt=worksheet(first, ops, digits, slots), answer=str(steps[-1][3]),
+                   guidance=render_trace(steps), difficulty=num_steps)
 
 
 def _generate(rng, num, min_steps, max_steps, modulus, slots):
@@ -150,9 +185,8 @@ def embedded_splits(
 _STEP_RE = re.compile(r"([0-9?])([+\-*])([0-9])=\?;")
 
 
-def solve(question: str, modulus: int = 10) -> str:
-    """Evaluate a worksheet left to right (an evaluator independent of the generator)."""
-    _check_modulus(modulus)
+def parse_worksheet(question: str) -> tuple[int, list[str], list[int]]:
+    """(first number, operators, digits) of a worksheet question."""
     text = question.rstrip(" ")
     steps = []
     pos = 0
@@ -164,7 +198,73 @@ def solve(question: str, modulus: int = 10) -> str:
         pos = m.end()
     if not steps or not steps[0][0].isdigit() or any(x != "?" for x, _, _ in steps[1:]):
         raise ValueError(f"malformed worksheet {question!r}: the first step starts with a digit, later ones with '?'")
-    value = int(steps[0][0]) % modulus
-    for _, op, b in steps:
-        value = _apply(value, op, int(b), modulus)
+    return int(steps[0][0]), [op for _, op, _ in steps], [int(b) for _, _, b in steps]
+
+
+def solve(question: str, modulus: int = 10) -> str:
+    """Evaluate a worksheet left to right (an evaluator independent of the generator)."""
+    _check_modulus(modulus)
+    first, ops, digits = parse_worksheet(question)
+    value = first % modulus
+    for op, b in zip(ops, digits):
+        value = _apply(value, op, b, modulus)
     return str(value)
+
+
+# ------------------------------------------------------------------ teacher traces (issue 18)
+
+# Independent streams of one seed (SeedSequence(seed).spawn children; 0 and 1 are embedded_splits'
+# train and test streams): which traces carry an error and where, and the beyond-range problems.
+_TRACE_ERROR_STREAM = 2
+_BEYOND_STREAM = 3
+
+
+def _stream(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
+def pick_error(first: int, ops: list[str], digits: list[int], modulus: int, rng: np.random.Generator) -> tuple[int, int]:
+    """``(k, v)``: step k's result written as ``v``, drawn uniformly among the (step, wrong value)
+    pairs whose carried mistake changes the final answer (a slip a later ``*0`` would erase is not a
+    wrong trace). The last step always has such pairs, so there is one for every problem."""
+    true_results = [s[3] for s in solution_steps(first, ops, digits, modulus)]
+    candidates = [(k, v) for k in range(len(ops)) for v in range(modulus) if v != true_results[k]
+                  and solution_steps(first, ops, digits, modulus, (k, v))[-1][3] != true_results[-1]]
+    return candidates[int(rng.integers(len(candidates)))]
+
+
+def num_wrong_traces(num: int, error_rate: float) -> int:
+    """How many of ``num`` traces carry an error: ``error_rate * num`` rounded half up."""
+    return int(np.floor(error_rate * num + 0.5))
+
+
+def teacher_traces(examples: list[Example], error_rate: float = 0.0, style: str = "plain", seed: int = 0,
+                   modulus: int = 10) -> list[Example]:
+    """``examples`` with their traces as a teacher would write them: exactly `num_wrong_traces` of them
+    (chosen from ``seed``'s own stream) get one wrong step result carried to the end (`pick_error`),
+    and every trace is rendered in ``style``. Prompts, answers (the true ones) and difficulties are
+    unchanged. With error_rate 0 and style plain the list is returned as it is."""
+    if not 0.0 <= error_rate <= 1.0:
+        raise ValueError(f"error_rate must be in [0, 1]; got {error_rate}")
+    if style not in TRACE_STYLES:
+        raise ValueError(f"unknown trace style {style!r}; expected one of {TRACE_STYLES}")
+    if error_rate == 0.0 and style == "plain":
+        return list(examples)
+    rng = _stream(seed, _TRACE_ERROR_STREAM)
+    wrong = set(rng.choice(len(examples), size=num_wrong_traces(len(examples), error_rate), replace=False).tolist())
+    out = []
+    for i, ex in enumerate(examples):
+        first, ops, digits = parse_worksheet(ex.prompt)
+        error = pick_error(first, ops, digits, modulus, rng) if i in wrong else None
+        out.append(dataclasses.replace(ex, guidance=render_trace(solution_steps(first, ops, digits, modulus, error), style)))
+    return out
+
+
+def beyond_problems(seed: int, num: int, min_steps: int, max_steps: int, modulus: int = 10,
+                    slots: int = DEFAULT_SLOTS) -> list[Example]:
+    """A second held-out split of ``num`` problems of ``min_steps``..``max_steps`` steps, from its own
+    stream of ``seed`` (the train and test splits are unchanged). Meant for step counts above any
+    trained, so no problem of it can be a train problem."""
+    _check_range("beyond split", num, min_steps, max_steps)
+    _check_modulus(modulus)
+    return _generate(_stream(seed, _BEYOND_STREAM), num, min_steps, max_steps, modulus, slots)

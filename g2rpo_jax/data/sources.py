@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from g2rpo_jax.data.code import SUFFIXES, data_files, read_rows, tests_to_answer
-from g2rpo_jax.data.embedded import Example, embedded_splits
+from g2rpo_jax.data.embedded import Example, beyond_problems, embedded_splits, teacher_traces
 from g2rpo_jax.errors import ConfigError
 from g2rpo_jax.rewards.math import extract_boxed
 
@@ -63,9 +63,16 @@ class Source:
 
 
 def _read_embedded(d) -> dict[str, Rows]:
+    """The worksheets: train traces as the teacher wrote them (data.trace_error_rate, data.trace_style);
+    with data.eval_beyond_steps a "beyond" split of longer held-out problems too."""
     train, test = embedded_splits(d.seed, d.num_train, d.train_min_steps, d.train_max_steps, d.num_test,
                                   d.test_min_steps, d.test_max_steps, modulus=d.modulus, slots=d.question_slots)
-    return {"train": [dataclasses.asdict(e) for e in train], "test": [dataclasses.asdict(e) for e in test]}
+    train = teacher_traces(train, d.trace_error_rate, d.trace_style, d.seed, d.modulus)
+    out = {"train": [dataclasses.asdict(e) for e in train], "test": [dataclasses.asdict(e) for e in test]}
+    if d.eval_beyond_steps:
+        beyond = beyond_problems(d.seed, d.num_test, *d.eval_beyond_steps, modulus=d.modulus, slots=d.question_slots)
+        out["beyond"] = [dataclasses.asdict(e) for e in beyond]
+    return out
 
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -337,7 +344,8 @@ def _take(rows: Rows, limit: int) -> list:
 
 
 def load_examples(d, require_guidance: bool = True) -> dict[str, SourceSplit]:
-    """Train and held-out test examples of ``d`` (a DataConfig).
+    """Train and held-out test examples of ``d`` (a DataConfig), and ``"beyond"`` (the embedded task's
+    longer held-out problems) when ``d.eval_beyond_steps`` is set.
 
     The train split keeps the source's order, sorted (stably) by difficulty when
     ``d.order == "sequential"`` (the curriculum); at most ``d.num_train`` rows of it are read (-1: all)
@@ -365,7 +373,10 @@ def load_examples(d, require_guidance: bool = True) -> dict[str, SourceSplit]:
         train_rows = [train_rows[int(i)] for i in np.flatnonzero(~is_held)]
     columns = columns_for(d)
     out = {}
-    for split, rows, limit in (("train", train_rows, d.num_train), ("test", test_rows, d.num_test)):
+    splits = [("train", train_rows, d.num_train), ("test", test_rows, d.num_test)]
+    if raw.get("beyond") is not None:  # the embedded task's beyond-range held-out problems
+        splits.append(("beyond", raw["beyond"], d.num_test))
+    for split, rows, limit in splits:
         # held-out problems are evaluated without guidance: a trace is never required there
         out[split] = rows_to_examples(_take(rows, limit), columns, split, d.on_error,
                                       require_guidance and split == "train", SOURCES[d.source].answer)

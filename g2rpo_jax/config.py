@@ -154,8 +154,9 @@ class LossConfig:
     num_iterations: int = 1
     scale_rewards: str = "group"  # a key of loss.REWARD_SCALINGS: group, batch, none
     kl_estimator: str = "k3"  # a key of loss.KL_ESTIMATORS: k1, k3, low_var
-    guidance_loss: Literal["train", "mask", "importance"] = "train"
+    guidance_loss: Literal["train", "mask", "importance", "sft"] = "train"
     importance_gamma: float = 0.1
+    sft_coef: float = 1.0  # guidance_loss sft (UFT): weight of the log-likelihood term on guidance tokens
     # The temperature policy, old and reference log-probs are scored at: "rollout" divides the logits
     # by rollout.temperature (the distribution sampled from; TRL >= 0.16); 1.0 scores the raw logits
     # as the reference's TRL 0.15.2 fork does (the paper recipes set it).
@@ -443,6 +444,7 @@ def _validate_steps(cfg: Config) -> None:
     check(k >= 1 and rows % k == 0, f"optim.gradient_accumulation_steps must divide the {rows} rows of a step "
           f"(rollout.prompts_per_step * rollout.num_generations), got {k}")
     check(cfg.loss.beta >= 0, "loss.beta must be >= 0")
+    check(cfg.loss.sft_coef >= 0, "loss.sft_coef must be >= 0")
     for key, registry in (("loss_type", LOSS_AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS),
                           ("scale_rewards", REWARD_SCALINGS)):
         value = getattr(cfg.loss, key)

@@ -49,6 +49,32 @@ Extensions beyond the paper (SPEC section 6), each off by default:
   pass over the data is guided exactly as without the table (the prior suited to a weak model), and
   guidance is then withdrawn only where the model showed it can solve the prompt alone.
   ``record_outcomes`` writes the table from each step's rewards.
+
+Prefix length per guided row (``length_mode``; SPEC section 9, the related guidance methods):
+
+- ``tokens`` (default, G²RPO-A): every guided row gets ``min(L, trace length)``, ``L = state.length``.
+- ``fraction`` (QuestA): a guided row gets ``floor(f(t) * trace length)`` of its own trace.
+- ``binomial`` (UFT): a guided row gets a draw of ``Binomial(trace length, f(t))``, one per row, from
+  the rollout's PRNG key (the state's ``rng``, which is seeded and checkpointed, so a run is
+  deterministic given its seed and resumes exactly) with a salt folded in, so the draw shares no key
+  with the sampler.
+- ``ladder`` (StepHint): guided row ``j`` (0-based) of the ``k`` guided rows of a group gets
+  ``floor(f(t) * (j + 1) / (k + 1) * trace length)``: one group spans short to long hints (k = 3:
+  1/4, 2/4, 3/4 of the trace). StepHint cuts its traces at reasoning-step boundaries; the ladder is a
+  fraction of the tokens instead, which needs no per-task step markup (on the embedded task a step is
+  6 tokens, so a level can end inside a step).
+
+``f(t)``, the fraction at 0-based step ``t`` (= ``state.step``, the optimizer steps completed), follows
+``schedule`` from ``start_fraction`` to ``end_fraction`` with ``n = total_steps - 1`` (1 when total_steps
+is 1): ``fixed``: ``f = start_fraction``; ``linear_decay``: ``f = start * s + end * (1 - s)`` with
+``s = 1 - min(t, n) / n``; ``cosine``: the same with ``s = 0.5 * (1 + cos(pi * min(t, n) / n))``. So
+step 0 uses ``start_fraction`` exactly and the last step, and any after it, ``end_fraction``. (UFT
+writes its schedule with ``(t + 1) / T_hint`` and a floor ``p_low`` before dropping to 0 after
+``T_hint``; here the cosine reaches ``end_fraction`` on the last step, as the token ``cosine`` does.)
+``adaptive`` adapts a token length and is refused with the other modes. In the fraction modes
+``state.length`` holds ``floor(f(t) * max_length)``, the prefix a ``max_length``-token trace would get,
+so the logged ``guidance/length`` still shows the schedule; ``initial_length`` / ``min_length`` are unused.
+Each floor goes through the same float32 guard as the controller's (``_floor_ratio``).
 """
 
 from __future__ import annotations
@@ -62,11 +88,17 @@ import jax.numpy as jnp
 SCHEDULES = ("fixed", "linear_decay", "cosine", "adaptive")
 RULES = ("paper", "reference")
 RATIO_SCHEDULES = ("fixed", "adaptive")
+LENGTH_MODES = ("tokens", "fraction", "binomial", "ladder")
+# Schedules a fraction (length_mode other than tokens) can follow.
+FRACTION_SCHEDULES = ("fixed", "linear_decay", "cosine")
 
 # Relative tolerance for float32 floor of L * mean / r (see module docstring).
 _FLOOR_REL_TOL = 1e-6
 # Cycle length of the reference rule: two recording steps then one comparing step.
 _REFERENCE_CYCLE = 3
+# Folded into the rollout's key (the state's rng, before the rollout splits it) for the binomial prefix
+# draw, so the draw shares no key with the sampler, which uses the keys split from that rng.
+_LENGTH_KEY_SALT = 0x4C454E
 
 
 @flax.struct.dataclass
@@ -108,6 +140,11 @@ class GuidanceConfig:
     min_ratio: float = 0.0
     max_ratio: float = 1.0
     per_prompt: bool = False  # guide only groups whose unguided rollouts all failed last time
+    # SPEC section 9 (module docstring): how a guided row's prefix length is chosen, and the fraction
+    # schedule f(t) of the fraction modes (start_fraction at step 0 -> end_fraction at the last step)
+    length_mode: str = "tokens"  # tokens | fraction (QuestA) | binomial (UFT) | ladder (StepHint)
+    start_fraction: float = 1.0
+    end_fraction: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError with one message naming the field and its valid values."""
@@ -162,6 +199,21 @@ class GuidanceConfig:
                 )
         if not isinstance(self.per_prompt, bool):
             raise ValueError(f"guidance.per_prompt must be true or false, got {self.per_prompt!r}")
+        self._validate_length_mode()
+
+    def _validate_length_mode(self) -> None:
+        if self.length_mode not in LENGTH_MODES:
+            raise ValueError(f"guidance.length_mode must be one of {list(LENGTH_MODES)}, got {self.length_mode!r}")
+        for name in ("start_fraction", "end_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"guidance.{name} must be a number in [0, 1] (a fraction of each trace), got {v!r}")
+        if self.length_mode != "tokens" and self.schedule not in FRACTION_SCHEDULES:
+            raise ValueError(
+                f"guidance.length_mode={self.length_mode} takes its fraction from guidance.schedule, one of "
+                f"{list(FRACTION_SCHEDULES)} (guidance.start_fraction -> guidance.end_fraction), got "
+                f"{self.schedule!r}; the adaptive controller adapts a token length: use guidance.length_mode=tokens"
+            )
 
 
 def init_guidance_state(cfg: GuidanceConfig, num_examples: int = 1) -> GuidanceState:
@@ -172,6 +224,8 @@ def init_guidance_state(cfg: GuidanceConfig, num_examples: int = 1) -> GuidanceS
     if cfg.per_prompt and num_examples < 1:
         raise ValueError(f"guidance.per_prompt needs a non-empty training set, got {num_examples} examples")
     length0 = cfg.max_length if cfg.schedule in ("linear_decay", "cosine") else cfg.initial_length
+    if cfg.length_mode != "tokens":  # f(0) = start_fraction under every fraction schedule
+        length0 = _nominal_length(jnp.asarray(cfg.start_fraction, jnp.float32), cfg)
     return GuidanceState(
         length=jnp.asarray(length0, jnp.int32),
         ratio=jnp.asarray(cfg.ratio, jnp.float32),
@@ -269,6 +323,8 @@ def _update_length(state: GuidanceState, r: jax.Array, cfg: GuidanceConfig) -> G
 
     k = state.step + 1
     recorded = state.replace(history=_push(state.history, state.count, r), count=state.count + 1, step=k)
+    if cfg.length_mode != "tokens":
+        return recorded.replace(length=_nominal_length(prefix_fraction(k, cfg), cfg))
     if cfg.schedule == "fixed":
         return recorded.replace(length=jnp.asarray(cfg.initial_length, jnp.int32))
     # the length after k updates serves step k (0-based): the last step, total_steps - 1, gets 0
@@ -279,6 +335,26 @@ def _update_length(state: GuidanceState, r: jax.Array, cfg: GuidanceConfig) -> G
     else:  # cosine
         L = jnp.round(cfg.max_length * 0.5 * (1.0 + jnp.cos(jnp.pi * kf / total)))
     return recorded.replace(length=jnp.maximum(L, 0.0).astype(jnp.int32))
+
+
+def prefix_fraction(step, cfg: GuidanceConfig) -> jax.Array:
+    """``f(step)``, float32: the fraction of each trace a guided row gets at 0-based step ``step``
+    (``length_mode`` fraction / binomial / ladder; module docstring). jit-able, ``cfg`` static."""
+    if cfg.schedule == "fixed":
+        return jnp.asarray(cfg.start_fraction, jnp.float32)
+    total = float(max(_require_total_steps(cfg) - 1, 1))
+    kf = jnp.minimum(jnp.asarray(step).astype(jnp.float32), total)
+    if cfg.schedule == "linear_decay":
+        s = 1.0 - kf / total
+    else:  # cosine
+        s = 0.5 * (1.0 + jnp.cos(jnp.pi * kf / total))
+    # start * s + end * (1 - s): exactly start at s = 1 and exactly end at s = 0
+    return (cfg.start_fraction * s + cfg.end_fraction * (1.0 - s)).astype(jnp.float32)
+
+
+def _nominal_length(fraction: jax.Array, cfg: GuidanceConfig) -> jax.Array:
+    """``state.length`` in the fraction modes: the prefix of a ``max_length``-token trace."""
+    return _floor_ratio(fraction * float(cfg.max_length)).astype(jnp.int32)
 
 
 def num_guided(ratio, num_generations: int) -> jax.Array:
@@ -292,25 +368,55 @@ def num_guided(ratio, num_generations: int) -> jax.Array:
     return jnp.clip(k, 0, num_generations).astype(jnp.int32)
 
 
-def guide_lengths(state: GuidanceState, trace_lengths, num_generations: int, example_idx=None) -> jax.Array:
+def guide_lengths(state: GuidanceState, trace_lengths, num_generations: int, example_idx=None,
+                  cfg: GuidanceConfig | None = None, key=None) -> jax.Array:
     """Per rollout row prefix length, int32 [B].
 
     ``trace_lengths``: int [B], the tokenized guidance-trace length of each row's prompt (rows of one
-    group contiguous, B = num_prompts * G). Row i gets ``min(L, trace_lengths[i])`` when
-    ``i % G < num_guided(state.ratio, G)`` and 0 otherwise (no pad tokens: a short trace is used whole).
-    With ``example_idx`` (int [B], each row's training-example index; pass it iff ``per_prompt``) only
-    rows whose example's ``prompt_failed`` entry is True are guided.
+    group contiguous, B = num_prompts * G). Row i is guided when ``i % G < num_guided(state.ratio, G)``;
+    with ``example_idx`` (int [B], each row's training-example index; pass it iff ``per_prompt``) only
+    rows whose example's ``prompt_failed`` entry is True are. A guided row gets, by ``cfg.length_mode``
+    (``cfg`` None: ``tokens``), ``min(L, trace_lengths[i])`` (no pad tokens: a short trace is used
+    whole) or its share of its trace (`fraction_lengths`); an unguided row gets 0. ``key``: the
+    rollout's PRNG key, needed by ``binomial`` only.
     """
     trace_lengths = jnp.asarray(trace_lengths, jnp.int32)
     B = trace_lengths.shape[0]
     if B % num_generations != 0:
         raise ValueError(f"trace_lengths has {B} rows, not a multiple of num_generations={num_generations}")
     k = num_guided(state.ratio, num_generations)
-    guided = (jnp.arange(B) % num_generations) < k
+    slot = jnp.arange(B) % num_generations
+    guided = slot < k
     if example_idx is not None:
         guided = guided & state.prompt_failed[jnp.asarray(example_idx, jnp.int32)]
-    L = jnp.maximum(state.length, 0)
-    return jnp.where(guided, jnp.minimum(L, jnp.maximum(trace_lengths, 0)), 0).astype(jnp.int32)
+    traces = jnp.maximum(trace_lengths, 0)
+    if cfg is None or cfg.length_mode == "tokens":
+        lengths = jnp.minimum(jnp.maximum(state.length, 0), traces)
+    else:
+        lengths = fraction_lengths(prefix_fraction(state.step, cfg), traces, slot, k, cfg.length_mode, key)
+    return jnp.where(guided, lengths, 0).astype(jnp.int32)
+
+
+def fraction_lengths(fraction, trace_lengths, slot, k, mode: str, key=None) -> jax.Array:
+    """Each row's prefix in a fraction mode, int32 [B] in ``[0, trace_lengths]`` (as if every row were
+    guided; `guide_lengths` zeroes the unguided ones). ``fraction``: f(t); ``slot``: each row's index
+    in its group; ``k``: guided rows per group (``ladder``: row ``slot`` is level ``slot + 1`` of
+    ``k + 1``); ``key``: ``binomial``'s PRNG key (the salt is folded in here)."""
+    n = jnp.asarray(trace_lengths, jnp.int32)
+    f = jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
+    nf = n.astype(jnp.float32)
+    if mode == "fraction":
+        out = _floor_ratio(f * nf)
+    elif mode == "ladder":
+        level = (slot + 1).astype(jnp.float32) / (jnp.asarray(k).astype(jnp.float32) + 1.0)
+        out = _floor_ratio(f * level * nf)
+    elif mode == "binomial":
+        if key is None:
+            raise ValueError("guidance.length_mode=binomial draws each prefix length at random: pass the rollout's key")
+        out = jax.random.binomial(jax.random.fold_in(key, _LENGTH_KEY_SALT), nf, jnp.broadcast_to(f, nf.shape))
+    else:
+        raise ValueError(f"no fraction rule for guidance.length_mode={mode!r}; one of {list(LENGTH_MODES[1:])}")
+    return jnp.clip(out, 0.0, nf).astype(jnp.int32)
 
 
 def record_outcomes(state: GuidanceState, example_idx, correct, guide_len, num_generations: int) -> GuidanceState:

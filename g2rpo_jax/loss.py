@@ -15,6 +15,11 @@ Guidance tokens (`guidance_loss`):
 - ``importance`` (our extension, LUFFY-style policy shaping): on guidance tokens the clipped ratio
   term is replaced by ``-(pi / (pi + gamma)) * A`` with ``pi = exp(logp)`` (gradient through pi, no
   clipping: the weight is already bounded in (0, 1)); the KL term still applies.
+- ``sft`` (UFT, arXiv 2505.16984): guidance tokens get a log-likelihood (SFT) term instead of the
+  policy-gradient and KL terms, ``l_t = -sft_coef * logp_t`` (teacher-forced: each hint token given the
+  prompt and the hint before it); they stay in the mask, so the aggregation averages them with the
+  generated tokens. UFT's objective weights the hint log-likelihood by its KL coefficient; here it
+  has its own weight, ``sft_coef``.
 
 Aggregation (`loss_type`) over the effective mask:
 - ``grpo``: mean over each sequence's tokens, then mean over sequences that have at least one token
@@ -34,7 +39,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-GUIDANCE_LOSSES = ("train", "mask", "importance")
+GUIDANCE_LOSSES = ("train", "mask", "importance", "sft")
 
 # `low_var` clips the k3 estimate to this range (k3 >= 0, so in effect to [0, 10]): the clamp used by
 # verl's "low_var_kl", which bounds the rare huge values when ref >> logp.
@@ -156,6 +161,7 @@ class LossSettings:
     kl_estimator: str = "k3"
     guidance_loss: str = "train"
     importance_gamma: float = 0.1
+    sft_coef: float = 1.0
 
     def as_kwargs(self) -> dict:
         """Keyword arguments of `loss_sums` / `policy_loss`."""
@@ -176,6 +182,7 @@ def per_token_loss(
     kl_estimator: str = "k3",
     guidance_loss: str = "train",
     importance_gamma: float = 0.1,
+    sft_coef: float = 1.0,
 ):
     """Unaggregated loss: returns ``(l [B, T], effective mask [B, T] float32, aux)``.
 
@@ -226,6 +233,10 @@ def per_token_loss(
         aux["kl"] = kl
         if not beta_is_zero:
             loss = loss + beta * kl
+    if guidance_loss == "sft":  # after the KL term: it replaces that too on guidance tokens
+        loss = jnp.where(gmask, -sft_coef * logp, loss)
+        aux["is_low_clipped"] = jnp.where(gmask, 0.0, is_low)
+        aux["is_high_clipped"] = jnp.where(gmask, 0.0, is_high)
     loss = jnp.where(mask > 0, loss, 0.0)
     return loss, mask, aux
 

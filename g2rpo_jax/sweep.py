@@ -53,6 +53,9 @@ from g2rpo_jax.train import train
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("grpo", "guided_fixed", "linear_decay", "g2rpo_a", "g2rpo_a_reference", "sft", "clip_higher",
                    "g2rpo_a_adaptive_ratio", "g2rpo_a_per_prompt", "g2rpo_a_dynamic_sampling")
+# The related guidance methods of SPEC section 9, as configs on the same machinery. Not in the default
+# list, so the replication command keeps running what it ran; name them with --configs.
+RELATED_CONFIGS = ("questa", "uft", "stephint")
 # Keys of the run's config that the sweep sets itself, and keys that do not change results.
 _SWEEP_KEYS = ("train.seed", "train.output_dir", "train.progress")
 _IGNORED_FOR_SKIP = ("train.output_dir", "train.progress", "train.resume", "train.log_every",
@@ -237,6 +240,7 @@ def build_parser(prog: str = "python -m g2rpo_jax.sweep") -> argparse.ArgumentPa
         description="Run configs x seeds at equal budget on the same held-out problems; write a markdown "
                     "table (replication.md) and PNG plots.",
         epilog="example:\n  %(prog)s --configs grpo guided_fixed g2rpo_a --seeds 0 1 2 --out docs/results\n"
+               f"related guidance methods (SPEC section 9; not run by default): {' '.join(RELATED_CONFIGS)}\n"
                "overrides (section.key=value) apply to every run, e.g. eval.every_steps=25")
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
                         help=f"config names in configs/ or YAML paths (default: {' '.join(DEFAULT_CONFIGS)})")

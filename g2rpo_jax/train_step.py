@@ -106,10 +106,12 @@ def merge_micro_batches(tree, k: int, group_size: int):
 
 def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int,
                     per_prompt: bool = False, micro_batches: int = 1, placement: Placement | None = None,
-                    state_shardings=None):
+                    state_shardings=None, guidance: GuidanceConfig | None = None):
     """(state, prompt batch repeated G times, each row's example index) -> (state with new rng,
     Rollout, per-row guide lengths). `per_prompt` guides only examples marked in the guidance
-    state's per-prompt table. `micro_batches` k > 1: the groups are generated k micro-batches at a
+    state's per-prompt table. `guidance` (the resolved section; None = token lengths) picks how a
+    guided row's prefix length is chosen (`guidance.length_mode`); the binomial draw uses the state's
+    rng before its split. `micro_batches` k > 1: the groups are generated k micro-batches at a
     time (a `lax.map`), so the KV cache is one micro-batch's; micro-batch j samples with the j-th
     of k keys split from the step's key. With a `placement` (and the state's shardings): rows
     sharded over (data, fsdp), the state donated."""
@@ -120,7 +122,8 @@ def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: 
 
     def rollout(state: TrainState, prompt_ids, prompt_mask, guide_ids, trace_len, example_idx):
         rng, key = jax.random.split(state.rng)
-        glen = guide_lengths(state.guidance, trace_len, num_generations, example_idx if per_prompt else None)
+        glen = guide_lengths(state.guidance, trace_len, num_generations, example_idx if per_prompt else None,
+                             guidance, state.rng)
         weights = policy_params(state)
         if micro_batches == 1:
             out = generate_rows(weights, prompt_ids, prompt_mask, guide_ids, glen, key)
@@ -197,7 +200,7 @@ class UpdateSettings:
         loss = LossSettings(loss_type=lc.loss_type, beta=lc.beta, epsilon_low=lc.epsilon,
                             epsilon_high=lc.epsilon if lc.epsilon_high is None else lc.epsilon_high,
                             kl_estimator=lc.kl_estimator, guidance_loss=lc.guidance_loss,
-                            importance_gamma=lc.importance_gamma)
+                            importance_gamma=lc.importance_gamma, sft_coef=lc.sft_coef)
         return cls(loss=loss, num_generations=cfg.rollout.num_generations,
                    max_completion_length=cfg.data.max_guidance_length + cfg.rollout.max_completion_length,
                    guidance=resolved_guidance(cfg), num_iterations=lc.num_iterations,
@@ -398,7 +401,7 @@ def build_step_fns(cfg: Config, graphdef, optimizer: optax.GradientTransformatio
     guidance_cfg = resolved_guidance(cfg)
     rollout = make_rollout_fn(graphdef, sampling, eos_id=eos_id, pad_id=pad_id, num_generations=r.num_generations,
                               per_prompt=guidance_cfg.per_prompt, micro_batches=r.generation_micro_batches,
-                              placement=placement, state_shardings=state_shardings)
+                              placement=placement, state_shardings=state_shardings, guidance=guidance_cfg)
     update = make_update_fn(graphdef, optimizer, schedule, UpdateSettings.from_config(cfg), placement=placement,
                             state_shardings=state_shardings)
     record = make_record_fn(r.num_generations, None if state_shardings is None else state_shardings.guidance)

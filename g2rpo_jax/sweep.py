@@ -52,7 +52,8 @@ from g2rpo_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("grpo", "guided_fixed", "linear_decay", "g2rpo_a", "g2rpo_a_reference", "sft", "clip_higher",
-                   "g2rpo_a_adaptive_ratio", "g2rpo_a_per_prompt", "g2rpo_a_dynamic_sampling")
+                   "g2rpo_a_adaptive_ratio", "g2rpo_a_per_prompt", "g2rpo_a_dynamic_sampling",
+                   "bread", "luffy")  # the last: related methods (SPEC section 9)
 # Keys of the run's config that the sweep sets itself, and keys that do not change results.
 _SWEEP_KEYS = ("train.seed", "train.output_dir", "train.progress")
 _IGNORED_FOR_SKIP = ("train.output_dir", "train.progress", "train.resume", "train.log_every",

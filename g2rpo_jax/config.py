@@ -17,7 +17,7 @@ import yaml
 
 from g2rpo_jax.errors import ConfigError
 from g2rpo_jax.guidance import GuidanceConfig
-from g2rpo_jax.loss import KL_ESTIMATORS, LOSS_AGGREGATIONS, REWARD_SCALINGS
+from g2rpo_jax.loss import GUIDANCE_LOSSES, KL_ESTIMATORS, LOSS_AGGREGATIONS, REWARD_SCALINGS
 from g2rpo_jax.models.config import BASE_QUANTIZATIONS, LINEAR_MODULES, ModelConfig
 from g2rpo_jax.rewards import REWARD_FUNCS
 
@@ -154,8 +154,11 @@ class LossConfig:
     num_iterations: int = 1
     scale_rewards: str = "group"  # a key of loss.REWARD_SCALINGS: group, batch, none
     kl_estimator: str = "k3"  # a key of loss.KL_ESTIMATORS: k1, k3, low_var
-    guidance_loss: Literal["train", "mask", "importance", "sft"] = "train"
-    importance_gamma: float = 0.1
+    # how guidance tokens enter the loss, a key of loss.GUIDANCE_LOSSES: train, mask, importance,
+    # luffy (LUFFY's off-policy loss; with guidance.guided_rows=off_policy), guide (Guide-GRPO's ratio),
+    # sft (UFT's log-likelihood term, weight sft_coef)
+    guidance_loss: str = "train"
+    importance_gamma: float = 0.1  # gamma of the policy shaping pi / (pi + gamma) (importance, luffy)
     sft_coef: float = 1.0  # guidance_loss sft (UFT): weight of the log-likelihood term on guidance tokens
     # The temperature policy, old and reference log-probs are scored at: "rollout" divides the logits
     # by rollout.temperature (the distribution sampled from; TRL >= 0.16); 1.0 scores the raw logits
@@ -446,7 +449,7 @@ def _validate_steps(cfg: Config) -> None:
     check(cfg.loss.beta >= 0, "loss.beta must be >= 0")
     check(cfg.loss.sft_coef >= 0, "loss.sft_coef must be >= 0")
     for key, registry in (("loss_type", LOSS_AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS),
-                          ("scale_rewards", REWARD_SCALINGS)):
+                          ("scale_rewards", REWARD_SCALINGS), ("guidance_loss", GUIDANCE_LOSSES)):
         value = getattr(cfg.loss, key)
         check(value in registry, f"config key 'loss.{key}': got {value!r}, expected one of {', '.join(map(repr, registry))}")
     check(cfg.loss.logprob_temperature == "rollout" or cfg.loss.logprob_temperature > 0,
@@ -542,10 +545,22 @@ def _validate_reward(cfg: Config) -> None:
     )
 
 
+def _validate_guided_rows(cfg: Config) -> None:
+    """`guidance.guided_rows` against the rollout and loss sections (g2rpo_jax/guided_rows.py)."""
+    rows, lc = cfg.guidance.guided_rows, cfg.loss
+    check(not (rows == "second_pass" and cfg.rollout.dynamic_sampling),
+          "guidance.guided_rows=second_pass regenerates the failed groups of one drawn batch; it does not combine "
+          "with rollout.dynamic_sampling (set one of them)")
+    check(lc.guidance_loss != "luffy" or rows == "off_policy",
+          "loss.guidance_loss=luffy is LUFFY's loss on whole off-policy traces: set guidance.guided_rows=off_policy "
+          "(for shaped guidance prefixes use loss.guidance_loss=importance)")
+    check(lc.importance_gamma > 0, f"loss.importance_gamma must be > 0, got {lc.importance_gamma}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks, each failing with one line naming the key to change."""
     for section_checks in (_validate_lora, _validate_rollout, _validate_steps, _validate_data, _validate_warm_start,
-                           _validate_mesh, _validate_reward):
+                           _validate_mesh, _validate_reward, _validate_guided_rows):
         section_checks(cfg)
     try:
         cfg.guidance.validate()

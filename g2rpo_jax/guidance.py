@@ -91,6 +91,9 @@ RATIO_SCHEDULES = ("fixed", "adaptive")
 LENGTH_MODES = ("tokens", "fraction", "binomial", "ladder")
 # Schedules a fraction (length_mode other than tokens) can follow.
 FRACTION_SCHEDULES = ("fixed", "linear_decay", "cosine")
+# Which rows of a group are guided and how (`guidance.guided_rows`; g2rpo_jax/guided_rows.py has the
+# pieces): prefix = G²RPO-A's; second_pass = BREAD / Guide-GRPO; off_policy = LUFFY.
+GUIDED_ROWS = ("prefix", "second_pass", "off_policy")
 
 # Relative tolerance for float32 floor of L * mean / r (see module docstring).
 _FLOOR_REL_TOL = 1e-6
@@ -130,6 +133,12 @@ class GuidanceConfig:
     schedule: str = "adaptive"  # fixed | linear_decay | cosine | adaptive
     rule: str = "paper"  # paper | reference (only for adaptive)
     ratio: float = 0.25  # alpha; 0 => vanilla GRPO (no guided rows)
+    # prefix: the first k = round(alpha * G) rows of every group get the first L trace tokens and
+    # continue on-policy. second_pass (BREAD / Guide-GRPO): all G rows are generated unguided first;
+    # a group whose rows all failed is generated again with those k rows guided (L tokens), and they
+    # replace its first k rows. off_policy (LUFFY): the k rows are the whole trace + EOS, no
+    # continuation (L unused).
+    guided_rows: str = "prefix"
     initial_length: int = 64  # L_0
     min_length: int = 1  # L_min
     max_length: int = 64  # L_max
@@ -200,6 +209,7 @@ class GuidanceConfig:
         if not isinstance(self.per_prompt, bool):
             raise ValueError(f"guidance.per_prompt must be true or false, got {self.per_prompt!r}")
         self._validate_length_mode()
+        self._validate_guided_rows()
 
     def _validate_length_mode(self) -> None:
         if self.length_mode not in LENGTH_MODES:
@@ -214,6 +224,16 @@ class GuidanceConfig:
                 f"{list(FRACTION_SCHEDULES)} (guidance.start_fraction -> guidance.end_fraction), got "
                 f"{self.schedule!r}; the adaptive controller adapts a token length: use guidance.length_mode=tokens"
             )
+
+    def _validate_guided_rows(self) -> None:
+        if self.guided_rows not in GUIDED_ROWS:
+            raise ValueError(f"guidance.guided_rows must be one of {list(GUIDED_ROWS)}, got {self.guided_rows!r}")
+        if self.guided_rows != "prefix" and self.ratio == 0:
+            raise ValueError(f"guidance.guided_rows={self.guided_rows} guides round(guidance.ratio * G) rows of a "
+                             "group; guidance.ratio=0 guides none (set guidance.ratio > 0)")
+        if self.guided_rows == "second_pass" and self.per_prompt:
+            raise ValueError("guidance.per_prompt guides the groups that failed the last time their prompt was "
+                             "drawn, guidance.guided_rows=second_pass those that fail in this step: use one of them")
 
 
 def init_guidance_state(cfg: GuidanceConfig, num_examples: int = 1) -> GuidanceState:

@@ -9,12 +9,30 @@ generated tokens up to and including the first EOS); `guidance_mask` marks the g
 Per token (before aggregation), with ``rho = exp(logp - old_logp)``:
 ``l_t = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t``.
 
-Guidance tokens (`guidance_loss`):
-- ``train`` (reference behaviour): they count like any completion token.
+Guidance tokens (`guidance_loss`, the registry `GUIDANCE_LOSSES`): the tokens of ``guidance_mask``
+were not sampled from the policy (a teacher's trace, placed by the rollout), so each entry says which
+weight replaces ``rho`` on them, and whether the KL term applies. ``pi = exp(logp)``, ``gamma`` =
+``importance_gamma``; generated tokens always get the clipped ratio and the KL term.
+- ``train`` (reference behaviour): they count like any completion token (``rho``, clipped, KL). With
+  one update per batch rho = 1, so this is advantage-weighted SFT on the teacher tokens.
 - ``mask``: removed from the mask (context only).
-- ``importance`` (our extension, LUFFY-style policy shaping): on guidance tokens the clipped ratio
-  term is replaced by ``-(pi / (pi + gamma)) * A`` with ``pi = exp(logp)`` (gradient through pi, no
+- ``importance`` (our extension, LUFFY-style policy shaping on the prefix): the clipped ratio term is
+  replaced by ``-(pi / (pi + gamma)) * A`` (gradient ``-A * gamma / (pi + gamma)^2 * grad pi``, no
   clipping: the weight is already bounded in (0, 1)); the KL term still applies.
+- ``luffy`` (LUFFY, arXiv 2504.14945, the published form; with ``guidance.guided_rows=off_policy``, where
+  the guidance tokens are whole off-policy traces): the same shaped term ``-f(pi) * A`` with
+  ``f(pi) = pi / (pi + gamma)``, unclipped, and NO KL term on those tokens. It differs from
+  ``importance`` in exactly that: the k3 / k1 estimators estimate KL(pi || pi_ref) only on tokens
+  sampled from pi, and LUFFY's objective has no KL term on off-policy tokens (its recipe has none at all:
+  set ``beta=0`` to match it everywhere). The aggregation is the configured one: the paper divides by
+  every token of the batch, on- and off-policy (``bnpo`` / ``dapo``); the released training scripts we
+  read divide by the fixed response length instead (``dr_grpo``).
+- ``guide`` (Guide-GRPO's off-policy correction, arXiv 2506.13923, for prefix guidance): the policy is
+  optimised for the prompt without the hint. Here the hint is the prefix, which is part of the
+  completion and already scored under the plain prompt; what the plain ratio gets wrong is the
+  behaviour probability of a teacher token, which is 1 (placed, not sampled), not ``pi_old``. So on
+  guidance tokens ``rho = pi / 1`` (not ``exp(logp - old_logp)``), clipped with the same epsilons, KL
+  applied; continuation tokens keep their usual ratio (their behaviour policy saw the same context).
 - ``sft`` (UFT, arXiv 2505.16984): guidance tokens get a log-likelihood (SFT) term instead of the
   policy-gradient and KL terms, ``l_t = -sft_coef * logp_t`` (teacher-forced: each hint token given the
   prompt and the hint before it); they stay in the mask, so the aggregation averages them with the
@@ -39,17 +57,17 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-GUIDANCE_LOSSES = ("train", "mask", "importance", "sft")
-
 # `low_var` clips the k3 estimate to this range (k3 >= 0, so in effect to [0, 10]): the clamp used by
 # verl's "low_var_kl", which bounds the rare huge values when ref >> logp.
 LOW_VAR_KL_CLIP = 10.0
 
-# Registries: config values (`loss.loss_type`, `loss.kl_estimator`, `loss.scale_rewards`) are their
-# keys, and config validation reads the keys from here, so a new entry needs no other edit.
+# Registries: config values (`loss.loss_type`, `loss.kl_estimator`, `loss.scale_rewards`,
+# `loss.guidance_loss`) are their keys, and config validation reads the keys from here, so a new
+# entry needs no other edit.
 LOSS_AGGREGATIONS: dict[str, Callable] = {}  # (masked per-token loss, mask, max_completion_length) -> (num, den)
 KL_ESTIMATORS: dict[str, Callable] = {}  # (logp, ref_logp) float32 [B, T] -> per-token KL estimate
 REWARD_SCALINGS: dict[str, Callable] = {}  # (group-centred rewards [n, G], rewards [n, G], eps) -> advantages
+GUIDANCE_LOSSES: dict[str, "GuidanceTokens"] = {}  # how guidance tokens enter the loss (docstring above)
 
 
 def _registrar(registry: dict, kind: str):
@@ -68,6 +86,27 @@ def _registrar(registry: dict, kind: str):
 register_aggregation = _registrar(LOSS_AGGREGATIONS, "loss aggregation")
 register_kl_estimator = _registrar(KL_ESTIMATORS, "KL estimator")
 register_reward_scaling = _registrar(REWARD_SCALINGS, "reward scaling")
+register_guidance_loss = _registrar(GUIDANCE_LOSSES, "guidance loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceTokens:
+    """One `guidance_loss` entry: whether guidance tokens are in the loss, the weight that replaces the
+    ratio on them (``ratio``: exp(logp - old_logp) as on any token; ``pi``: pi / 1, a teacher token's
+    behaviour probability taken as 1, clipped; ``shaped``: pi / (pi + gamma), unclipped; ``sft``: no
+    ratio, the log-likelihood ``-sft_coef * logp``) and whether the KL term applies on them."""
+
+    in_loss: bool = True
+    weight: str = "ratio"
+    kl: bool = True
+
+
+register_guidance_loss("train")(GuidanceTokens())
+register_guidance_loss("mask")(GuidanceTokens(in_loss=False))
+register_guidance_loss("importance")(GuidanceTokens(weight="shaped"))
+register_guidance_loss("luffy")(GuidanceTokens(weight="shaped", kl=False))
+register_guidance_loss("guide")(GuidanceTokens(weight="pi"))
+register_guidance_loss("sft")(GuidanceTokens(weight="sft", kl=False))
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -144,7 +183,7 @@ def effective_mask(completion_mask, guidance_mask, guidance_loss: str = "train")
     """float32 [B, T] mask of the tokens that enter the loss (``mask`` drops the guidance tokens)."""
     _check_choice("guidance_loss", guidance_loss, GUIDANCE_LOSSES)
     m = jnp.asarray(completion_mask).astype(jnp.float32)
-    if guidance_loss == "mask" and guidance_mask is not None:
+    if not GUIDANCE_LOSSES[guidance_loss].in_loss and guidance_mask is not None:
         m = m * (1.0 - jnp.asarray(guidance_mask).astype(jnp.float32))
     return m
 
@@ -212,33 +251,39 @@ def per_token_loss(
     old_logp = jnp.where(keep, jnp.asarray(old_logp, jnp.float32), 0.0)
 
     A = jnp.asarray(advantages, jnp.float32)[:, None]
+    spec = GUIDANCE_LOSSES[guidance_loss]
     rho = jnp.exp(logp - old_logp)
+    if spec.weight == "pi":  # a teacher token's behaviour probability is 1: rho = pi / 1
+        rho = jnp.where(gmask, jnp.exp(logp), rho)
     rho_clipped = jnp.clip(rho, 1.0 - epsilon_low, 1.0 + epsilon_high)
     loss = -jnp.minimum(rho * A, rho_clipped * A)
     is_low = ((rho < 1.0 - epsilon_low) & (A < 0)).astype(jnp.float32)
     is_high = ((rho > 1.0 + epsilon_high) & (A > 0)).astype(jnp.float32)
 
-    if guidance_loss == "importance":
-        pi = jnp.exp(logp)
-        shaped = -(pi / (pi + importance_gamma)) * A
-        loss = jnp.where(gmask, shaped, loss)
-        # No clipping happens on guidance tokens: they never count as clipped.
-        is_low = jnp.where(gmask, 0.0, is_low)
-        is_high = jnp.where(gmask, 0.0, is_high)
+    if spec.weight == "shaped":
+        loss, is_low, is_high = _shaped_guidance_terms(logp, A, gmask, loss, is_low, is_high, importance_gamma)
 
     aux = {"is_low_clipped": is_low, "is_high_clipped": is_high}
     if ref_logp is not None:
         ref = jnp.where(keep, jnp.asarray(ref_logp, jnp.float32), 0.0)
         kl = kl_penalty(logp, ref, kl_estimator)
-        aux["kl"] = kl
+        aux["kl"] = kl  # the metric: over every token of the loss, also where the loss leaves it out
         if not beta_is_zero:
-            loss = loss + beta * kl
-    if guidance_loss == "sft":  # after the KL term: it replaces that too on guidance tokens
+            loss = loss + beta * (kl if spec.kl else jnp.where(gmask, 0.0, kl))
+    if spec.weight == "sft":  # after the KL term: it replaces that too on guidance tokens
         loss = jnp.where(gmask, -sft_coef * logp, loss)
         aux["is_low_clipped"] = jnp.where(gmask, 0.0, is_low)
         aux["is_high_clipped"] = jnp.where(gmask, 0.0, is_high)
     loss = jnp.where(mask > 0, loss, 0.0)
     return loss, mask, aux
+
+
+def _shaped_guidance_terms(logp, A, gmask, loss, is_low, is_high, gamma):
+    """LUFFY's policy shaping on guidance tokens: ``-(pi / (pi + gamma)) * A`` replaces the clipped
+    term there; no clipping happens on them, so they never count as clipped."""
+    pi = jnp.exp(logp)
+    shaped = -(pi / (pi + gamma)) * A
+    return jnp.where(gmask, shaped, loss), jnp.where(gmask, 0.0, is_low), jnp.where(gmask, 0.0, is_high)
 
 
 def loss_parts(per_token, mask, loss_type: str = "grpo", max_completion_length: Optional[int] = None):

@@ -52,9 +52,10 @@ from g2rpo_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("grpo", "guided_fixed", "linear_decay", "g2rpo_a", "g2rpo_a_reference", "sft", "clip_higher",
-                   "g2rpo_a_adaptive_ratio", "g2rpo_a_per_prompt", "g2rpo_a_dynamic_sampling")
-# The related guidance methods of SPEC section 9, as configs on the same machinery. Not in the default
-# list, so the replication command keeps running what it ran; name them with --configs.
+                   "g2rpo_a_adaptive_ratio", "g2rpo_a_per_prompt", "g2rpo_a_dynamic_sampling",
+                   "bread", "luffy")  # the last: related methods (SPEC section 9)
+# More related guidance methods of SPEC section 9, as configs on the same machinery. Not in the default
+# list; name them with --configs.
 RELATED_CONFIGS = ("questa", "uft", "stephint")
 # Keys of the run's config that the sweep sets itself, and keys that do not change results.
 _SWEEP_KEYS = ("train.seed", "train.output_dir", "train.progress")

@@ -41,6 +41,7 @@ from g2rpo_jax.sharding import (Placement, abstract_like, check_batch, gather_ho
                                 maybe_initialize_distributed, process_rows, shard_state, sync_processes, to_host,
                                 tree_shardings)
 from g2rpo_jax.dynamic_sampling import choose_groups, enough_groups, group_rows, groups_with_spread, take_rows
+from g2rpo_jax.guided_rows import failed_groups, second_pass_trace_lengths, take_second_pass
 from g2rpo_jax.stop_strings import stop_strings_for
 from g2rpo_jax.train_step import (BATCH_KEYS, StepFns, TrainState, build_optimizer, build_step_fns,
                                   eval_batch_rows, init_train_state, policy_params, resolved_guidance,
@@ -117,39 +118,78 @@ class StepRollouts:
     num_gen_batches: int
     num_generated_tokens: int
     # The update's rows as the rollout left them on the mesh; None when the host chose the rows
-    # (dynamic sampling), which the update then gets from the host arrays.
+    # (dynamic sampling, a second pass), which the update then gets from the host arrays.
     device_batch: dict | None = None
+    metrics: dict = dataclasses.field(default_factory=dict)  # extra metrics of the step's rollouts
 
 
 _ROLLOUT_ROWS = ("tokens", "positions", "attention_mask", "completion_mask", "guidance_mask", "completion_length",
                  "num_generated")
 
 
+def roll_and_score(state, rollout_fn, idx: np.ndarray, trace_len: np.ndarray, ds: TokenizedDataset, tok, weights,
+                   reward_fns: dict, placement: Placement):
+    """One rollout of the rows of examples ``idx`` with guide lengths from ``trace_len`` (each row's
+    trace length; 0 guides no row), scored: (state, the rollout on the mesh, the draw: a dict of the
+    host rollout, idx, glen, rewards, parts and texts of every row)."""
+    # each process feeds and scores only the rows that live on its devices; rewards are gathered
+    mine, n = process_rows(placement.batch, len(idx)), len(idx)
+    inputs = global_batch({"ids": ds.prompt_ids[idx[mine]], "mask": ds.prompt_mask[idx[mine]],
+                           "guide": ds.guide_ids[idx[mine]], "len": trace_len[mine], "idx": idx[mine]},
+                          placement.batch, n)
+    state, device_ro, glen = rollout_fn(state, *inputs.values())
+    ro, glen = jax.tree.map(to_host, device_ro), to_host(glen)
+    rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], reward_fns, weights, mine)
+    rewards, parts = gather_host(rewards, mine, n), {k: gather_host(v, mine, n) for k, v in parts.items()}
+    return state, device_ro, dict(rollout=ro, idx=idx, glen=np.asarray(glen), rewards=rewards, parts=parts,
+                                  texts=texts)
+
+
+def second_pass(state, rollout_fn, first: dict, ds: TokenizedDataset, tok, cfg: Config, weights, reward_fns: dict,
+                placement: Placement):
+    """BREAD / Guide-GRPO (guidance.guided_rows=second_pass, guided_rows.py): the groups of ``first``
+    (an unguided draw) whose rows all failed are rolled out again with their guided rows, which
+    replace the first pass's. Returns (state, StepRollouts) of the update's rows; the controller
+    signal is their mean."""
+    g, signal_name = cfg.rollout.num_generations, cfg.reward.controller_signal
+    failed = failed_groups(first["parts"][signal_name], g)
+    draws, draw = [first], first
+    if failed.any():
+        trace_len = second_pass_trace_lengths(ds.guide_len[first["idx"]], failed, g)
+        state, _, second = roll_and_score(state, rollout_fn, first["idx"], trace_len, ds, tok, weights, reward_fns,
+                                          placement)
+        draws.append(second)
+        draw = take_second_pass(first, second, second["glen"] > 0)
+    generated = int(sum(np.asarray(d["rollout"].num_generated).sum() for d in draws))
+    return state, StepRollouts(**draw, signal=float(draw["parts"][signal_name].mean()),
+                               num_rollouts=sum(len(d["idx"]) for d in draws), num_gen_batches=len(draws),
+                               num_generated_tokens=generated,
+                               metrics={"guidance/frac_groups_failed": float(failed.mean())})
+
+
 def collect_rollouts(state, rollout_fn, record_fn, iterator, ds: TokenizedDataset, tok, cfg: Config, weights,
                      reward_fns: dict, *, placement: Placement):
     """Draw prompt batches, roll out and score them (host side), update the per-prompt table, and
     keep the groups of the update (all of one batch, or with rollout.dynamic_sampling the groups with
-    a reward spread). Returns (state, StepRollouts)."""
+    a reward spread; with guidance.guided_rows=second_pass the batch is drawn unguided and its failed
+    groups get a second, guided pass). Returns (state, StepRollouts)."""
     r, g = cfg.rollout, cfg.rollout.num_generations
     signal_name = cfg.reward.controller_signal
+    unguided_first = cfg.guidance.guided_rows == "second_pass"
     draws, spreads = [], []
     for _ in range(r.max_num_gen_batches if r.dynamic_sampling else 1):
         idx = np.repeat(iterator.next_indices(), g)  # G consecutive rows per prompt
-        # each process feeds and scores only the rows that live on its devices; rewards are gathered
-        mine, n = process_rows(placement.batch, len(idx)), len(idx)
-        inputs = global_batch({"ids": ds.prompt_ids[idx[mine]], "mask": ds.prompt_mask[idx[mine]],
-                               "guide": ds.guide_ids[idx[mine]], "len": ds.guide_len[idx[mine]], "idx": idx[mine]},
-                              placement.batch, n)
-        state, device_ro, glen = rollout_fn(state, *inputs.values())
-        ro, glen = jax.tree.map(to_host, device_ro), to_host(glen)
-        rewards, parts, texts = score(tok, ro, [ds.answers[i] for i in idx], reward_fns, weights, mine)
-        rewards, parts = gather_host(rewards, mine, n), {k: gather_host(v, mine, n) for k, v in parts.items()}
+        trace_len = np.zeros(len(idx), np.int32) if unguided_first else ds.guide_len[idx]
+        state, device_ro, draw = roll_and_score(state, rollout_fn, idx, trace_len, ds, tok, weights, reward_fns,
+                                                placement)
         if cfg.guidance.per_prompt:
-            state = state.replace(guidance=record_fn(state.guidance, idx, parts[signal_name], glen))
-        draws.append(dict(rollout=ro, idx=idx, glen=np.asarray(glen), rewards=rewards, parts=parts, texts=texts))
-        spreads.append(groups_with_spread(rewards, g))
+            state = state.replace(guidance=record_fn(state.guidance, idx, draw["parts"][signal_name], draw["glen"]))
+        draws.append(draw)
+        spreads.append(groups_with_spread(draw["rewards"], g))
         if enough_groups(spreads, r.prompts_per_step):
             break
+    if unguided_first:  # config validation rules out dynamic sampling: one draw
+        return second_pass(state, rollout_fn, draws[0], ds, tok, cfg, weights, reward_fns, placement)
     counts = dict(signal=float(np.concatenate([d["parts"][signal_name] for d in draws]).mean()),
                   num_rollouts=sum(len(d["idx"]) for d in draws), num_gen_batches=len(draws),
                   num_generated_tokens=int(sum(np.asarray(d["rollout"].num_generated).sum() for d in draws)))
@@ -422,7 +462,7 @@ def rl_step(run: Run, loop: Loop, state: TrainState, step: int) -> tuple[TrainSt
            "completions/mean_length": float(np.asarray(ro.completion_length).mean()),
            "completions/clipped_ratio": clipped_ratio(ro, tok.eos_token_id),
            "rollouts/generated": got.num_rollouts, "rollouts/gen_batches": got.num_gen_batches,
-           "tokens_per_sec": got.num_generated_tokens / dt, "time/step": dt,
+           "tokens_per_sec": got.num_generated_tokens / dt, "time/step": dt, **got.metrics,
            **{f"rewards/{name}/mean": float(values.mean()) for name, values in got.parts.items()}}
     if should_eval(step, run.cfg):
         row.update(loop.evaluate(policy_params(state)))

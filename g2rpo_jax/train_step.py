@@ -23,6 +23,7 @@ import optax
 from g2rpo_jax.config import Config
 from g2rpo_jax.guidance import (GuidanceConfig, GuidanceState, guide_lengths, init_guidance_state, record_outcomes,
                                 update_guidance)
+from g2rpo_jax.guided_rows import full_trace_lengths, off_policy_completions
 from g2rpo_jax.logprobs import sequence_log_probs
 from g2rpo_jax.models.transformer import LoraParams
 from g2rpo_jax.loss import LossSettings, effective_mask, group_advantages, loss_metrics, loss_parts, loss_sums
@@ -106,7 +107,7 @@ def merge_micro_batches(tree, k: int, group_size: int):
 
 def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: int, num_generations: int,
                     per_prompt: bool = False, micro_batches: int = 1, placement: Placement | None = None,
-                    state_shardings=None, guidance: GuidanceConfig | None = None):
+                    state_shardings=None, guidance: GuidanceConfig | None = None, guided_rows: str = "prefix"):
     """(state, prompt batch repeated G times, each row's example index) -> (state with new rng,
     Rollout, per-row guide lengths). `per_prompt` guides only examples marked in the guidance
     state's per-prompt table. `guidance` (the resolved section; None = token lengths) picks how a
@@ -114,7 +115,10 @@ def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: 
     rng before its split. `micro_batches` k > 1: the groups are generated k micro-batches at a
     time (a `lax.map`), so the KV cache is one micro-batch's; micro-batch j samples with the j-th
     of k keys split from the step's key. With a `placement` (and the state's shardings): rows
-    sharded over (data, fsdp), the state donated."""
+    sharded over (data, fsdp), the state donated. `guided_rows` off_policy (LUFFY): guided rows are
+    their whole trace then EOS (guided_rows.py); second_pass needs nothing here (the trainer passes
+    trace lengths of 0 for the unguided pass)."""
+    lengths = full_trace_lengths if guided_rows == "off_policy" else guide_lengths
 
     def generate_rows(params, prompt_ids, prompt_mask, guide_ids, glen, key):
         return generate(graphdef, params, prompt_ids, prompt_mask, guide_ids, glen, key, sampling=sampling,
@@ -122,8 +126,8 @@ def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: 
 
     def rollout(state: TrainState, prompt_ids, prompt_mask, guide_ids, trace_len, example_idx):
         rng, key = jax.random.split(state.rng)
-        glen = guide_lengths(state.guidance, trace_len, num_generations, example_idx if per_prompt else None,
-                             guidance, state.rng)
+        glen = lengths(state.guidance, trace_len, num_generations, example_idx if per_prompt else None,
+                       guidance, state.rng)
         weights = policy_params(state)
         if micro_batches == 1:
             out = generate_rows(weights, prompt_ids, prompt_mask, guide_ids, glen, key)
@@ -134,12 +138,26 @@ def make_rollout_fn(graphdef, sampling: SamplingParams, *, eos_id: int, pad_id: 
         out = merge_micro_batches(out._replace(context_length=None), micro_batches, num_generations)
         return state.replace(rng=rng), out._replace(context_length=prompt_ids.shape[1] + guide_ids.shape[1]), glen
 
+    if guided_rows == "off_policy":
+        rollout = off_policy_rollout(rollout, eos_id, pad_id)
     if placement is None:
         return jax.jit(rollout)
     rows, rep = placement.batch, placement.replicated
     out_rollout = Rollout(*([rows] * (len(Rollout._fields) - 1)), context_length=rep)
     return jit_on_mesh(rollout, placement.mesh, in_shardings=(state_shardings, rows, rows, rows, rows, rows),
                        out_shardings=(state_shardings, out_rollout, rows), donate_argnums=(0,))
+
+
+def off_policy_rollout(rollout: Callable, eos_id, pad_id: int) -> Callable:
+    """`rollout` whose guided rows (guide length > 0) become off-policy rows: the trace then EOS
+    (`guided_rows.off_policy_completions`; the first id when ``eos_id`` lists several)."""
+    eos = int(eos_id[0] if isinstance(eos_id, (list, tuple)) else eos_id)
+
+    def off_policy(state, *rows):
+        state, out, glen = rollout(state, *rows)
+        return state, off_policy_completions(out, glen > 0, out.context_length, eos, pad_id), glen
+
+    return off_policy
 
 
 def make_record_fn(num_generations: int, guidance_sharding=None):
@@ -401,7 +419,8 @@ def build_step_fns(cfg: Config, graphdef, optimizer: optax.GradientTransformatio
     guidance_cfg = resolved_guidance(cfg)
     rollout = make_rollout_fn(graphdef, sampling, eos_id=eos_id, pad_id=pad_id, num_generations=r.num_generations,
                               per_prompt=guidance_cfg.per_prompt, micro_batches=r.generation_micro_batches,
-                              placement=placement, state_shardings=state_shardings, guidance=guidance_cfg)
+                              placement=placement, state_shardings=state_shardings, guidance=guidance_cfg,
+                              guided_rows=guidance_cfg.guided_rows)
     update = make_update_fn(graphdef, optimizer, schedule, UpdateSettings.from_config(cfg), placement=placement,
                             state_shardings=state_shardings)
     record = make_record_fn(r.num_generations, None if state_shardings is None else state_shardings.guidance)

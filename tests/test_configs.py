@@ -76,6 +76,13 @@ def test_configs_set_what_their_method_changes():
     assert ratio.ratio_schedule == "adaptive" and ratio.min_ratio < ratio.ratio < ratio.max_ratio
     assert cfg["g2rpo_a_per_prompt"].guidance.per_prompt
     assert cfg["g2rpo_a_dynamic_sampling"].rollout.dynamic_sampling
+    # SPEC section 9: BREAD / Guide-GRPO (guide failed groups in a second pass), LUFFY (whole traces as
+    # members, one of 8, with LUFFY's loss on them)
+    assert cfg["bread"].guidance.guided_rows == "second_pass" and cfg["bread"].guidance.schedule == "adaptive"
+    luffy = cfg["luffy"]
+    assert (luffy.guidance.guided_rows, luffy.loss.guidance_loss, luffy.loss.importance_gamma) == ("off_policy",
+                                                                                                 "luffy", 0.1)
+    assert round(luffy.guidance.ratio * luffy.rollout.num_generations) == 1
     sft = cfg["sft"]
     assert sft.train.max_steps == 0
     # SFT on the RL methods' traces: the same difficulty range as the RL training problems
@@ -146,12 +153,20 @@ def test_config_runs_one_step(name, tmp_runs):
     assert int(result["state"].step) == 1
     row = rows[1]
     assert 0.0 <= row["reward"] <= 1.0 and "frac_reward_zero_std" in row
-    # every rollout the step generated is counted; dynamic sampling may draw several batches
-    batch = cfg.rollout.prompts_per_step * cfg.rollout.num_generations
+    # every rollout the step generated is counted; dynamic sampling may draw several batches, and
+    # guided_rows=second_pass a second one when a group failed
+    batch, g = cfg.rollout.prompts_per_step * cfg.rollout.num_generations, cfg.rollout.num_generations
     assert row["rollouts/generated"] == batch * row["rollouts/gen_batches"]
-    assert 1 <= row["rollouts/gen_batches"] <= (cfg.rollout.max_num_gen_batches if cfg.rollout.dynamic_sampling else 1)
-    if cfg.guidance.ratio == 0:
+    second_pass = cfg.guidance.guided_rows == "second_pass"
+    assert 1 <= row["rollouts/gen_batches"] <= (cfg.rollout.max_num_gen_batches if cfg.rollout.dynamic_sampling
+                                                else 2 if second_pass else 1)
+    k = round(cfg.guidance.ratio * g)  # guided rows per group (the tiny run's G = 4 gives luffy's 1/8 none)
+    if k == 0:
         assert row["guidance/mean_prefix_tokens"] == 0.0  # no guided rollout
+    elif second_pass:  # only the groups whose unguided rollouts all failed, k rows each
+        failed = row["guidance/frac_groups_failed"]
+        assert row["guidance/frac_rows_guided"] == pytest.approx(failed * k / g)
+        assert row["rollouts/gen_batches"] == (2 if failed else 1)
     else:
         assert row["guidance/mean_prefix_tokens"] > 0.0
 

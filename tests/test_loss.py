@@ -157,15 +157,17 @@ def _ref_loss(logp, old, ref, A, cmask, gmask, loss_type, beta, el, eh, est, gl,
             if not on:
                 continue
             rho = math.exp(logp[i][t] - old[i][t])
-            if gl == "importance" and gmask[i][t]:
+            if gl == "guide" and gmask[i][t]:  # a teacher token's behaviour probability is 1
+                rho = math.exp(logp[i][t])
+            if gl in ("importance", "luffy") and gmask[i][t]:
                 pi = math.exp(logp[i][t])
                 l = -(pi / (pi + gamma)) * A[i]
             else:
                 l = -min(rho * A[i], min(max(rho, 1 - el), 1 + eh) * A[i])
             d = ref[i][t] - logp[i][t]
             kl = {"k1": -d, "k3": math.exp(d) - d - 1, "low_var": min(max(math.exp(d) - d - 1, -10), 10)}[est]
-            kls.append(kl)
-            tok[i][t] = l + beta * kl
+            kls.append(kl)  # the metric averages the estimate over every token of the loss
+            tok[i][t] = l + (0.0 if gl == "luffy" and gmask[i][t] else beta * kl)
     flat = [x for row in tok for x in row if x is not None]
     if loss_type == "grpo":
         means = [sum(x for x in row if x is not None) / sum(x is not None for x in row)
@@ -194,7 +196,7 @@ def _random_batch(seed=0, B=4, T=6):
     return logp, old, ref, A, cmask, gmask
 
 
-@pytest.mark.parametrize("guidance_loss", ["train", "mask", "importance"])
+@pytest.mark.parametrize("guidance_loss", ["train", "mask", "importance", "luffy", "guide"])
 @pytest.mark.parametrize("kl_estimator", ["k1", "k3", "low_var"])
 def test_policy_loss_matches_python_reference(guidance_loss, kl_estimator):
     logp, old, ref, A, cmask, gmask = _random_batch()
@@ -256,6 +258,46 @@ def test_importance_mode_by_hand():
     loss_train = policy_loss(logp, None, None, A, cmask, gmask, guidance_loss="train", beta=0.0,
                              max_completion_length=2)[0]
     np.testing.assert_allclose(float(loss_train), -2.0, rtol=1e-6)
+
+
+def test_luffy_mode_by_hand():
+    """LUFFY's published off-policy term: the `importance` case above, but the KL term leaves the
+    off-policy (guidance) token alone; the on-policy token keeps the clipped ratio and its KL."""
+    logp = jnp.log(jnp.asarray([[0.3, 0.5]]))
+    cmask, gmask, A = jnp.asarray([[True, True]]), jnp.asarray([[True, False]]), jnp.asarray([2.0])
+    ref = logp - jnp.asarray([[1.0, 0.5]])  # d = ref - logp: -1 on the trace token, -0.5 on the sampled one
+    f = lambda lp: policy_loss(lp, None, ref, A, cmask, gmask, guidance_loss="luffy", importance_gamma=0.1,
+                               beta=0.1, max_completion_length=2)
+    (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(logp)
+    k3 = lambda d: math.exp(d) - d - 1
+    # off-policy token: -(0.3 / 0.4) * 2 = -1.5, no KL; on-policy: -2 + 0.1 * k3(-0.5); sequence mean over 2
+    np.testing.assert_allclose(float(loss), (-1.5 + (-2.0 + 0.1 * k3(-0.5))) / 2, rtol=1e-6)
+    # d/dlogp of -f(pi) A = -A * gamma * pi / (pi + gamma)^2 = -0.375 (f'(pi) grad pi, pi grad logp), / 2;
+    # on-policy: (-A + beta * d k3 / d logp) / 2 with d k3 / d logp = 1 - e^d
+    np.testing.assert_allclose(np.asarray(grad), [[-0.1875, (-2.0 + 0.1 * (1 - math.exp(-0.5))) / 2]], rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["kl"]), (k3(-1.0) + k3(-0.5)) / 2, rtol=1e-6)  # metric: every token
+    importance = policy_loss(logp, None, ref, A, cmask, gmask, guidance_loss="importance", importance_gamma=0.1,
+                             beta=0.1, max_completion_length=2)[0]
+    np.testing.assert_allclose(float(importance) - float(loss), 0.1 * k3(-1.0) / 2, rtol=1e-5)  # the only difference
+
+
+def test_guide_mode_by_hand():
+    """Guide-GRPO's correction: on a guidance token rho = pi / 1, clipped as any ratio (eps 0.2)."""
+    logp = jnp.log(jnp.asarray([[0.3, 0.5], [0.9, 0.5]]))
+    cmask, gmask = jnp.ones((2, 2), bool), jnp.asarray([[True, False], [True, False]])
+    f = lambda lp, A: policy_loss(lp, None, None, A, cmask, gmask, guidance_loss="guide", beta=0.0, loss_type="bnpo",
+                                  max_completion_length=2)
+    # A = +2 on both rows: guidance tokens -min(pi A, clip(pi) A) = -pi A (pi <= 1 < 1.2): -0.6 and -1.8;
+    # sampled tokens rho = 1: -2 each; token mean over 4
+    (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(logp, jnp.asarray([2.0, 2.0]))
+    np.testing.assert_allclose(float(loss), (-0.6 - 2.0 - 1.8 - 2.0) / 4, rtol=1e-6)
+    # d/dlogp of -pi A = -pi A: -0.6 / 4 and -1.8 / 4; sampled: -2 / 4
+    np.testing.assert_allclose(np.asarray(grad), [[-0.15, -0.5], [-0.45, -0.5]], rtol=1e-5)
+    # A = -2: pi = 0.3 < 0.8 is clipped (constant 1.6, no gradient, counted); pi = 0.9 is not (1.8)
+    (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(logp, jnp.asarray([-2.0, -2.0]))
+    np.testing.assert_allclose(float(loss), (1.6 + 2.0 + 1.8 + 2.0) / 4, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), [[0.0, 0.5], [0.45, 0.5]], rtol=1e-5, atol=1e-7)
+    assert float(metrics["clip_ratio/low_mean"]) == 0.25
 
 
 def test_grpo_gradient_closed_form():

@@ -120,7 +120,10 @@ def test_qlora_logits_stay_near_the_float_base(quant, tolerance):
 def test_quantized_leaves_shard_like_their_kernel():
     assert param_logical_axes("base.layers.0.mlp.up_proj.kernel.array.qvalue", 2) == ("embed", "mlp")
     assert param_logical_axes("base.layers.0.mlp.up_proj.kernel.array.scale", 2) == ("embed", "mlp")
-    assert param_logical_axes("params.layers.0.mlp.up_proj.kernel_lora_a", 2) == (None, None)
+    # adapters: their kernel's axis on the side they share with it, the rank replicated
+    assert param_logical_axes("params.layers.0.mlp.up_proj.kernel_lora_a", 2) == ("embed", None)
+    assert param_logical_axes("params.layers.0.mlp.up_proj.kernel_lora_b", 2) == (None, "mlp")
+    assert param_logical_axes("opt_state.0.mu.layers.1.self_attn.o_proj.kernel_lora_a", 2) == ("heads", None)
 
 
 def test_first_step_kl_is_zero_and_only_adapters_train(tmp, full):

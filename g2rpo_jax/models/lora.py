@@ -72,7 +72,7 @@ def _abstract_lora_model(graphdef, params, settings: LoraSettings) -> nnx.Module
 
 
 def _init_adapters(abstract_adapters, seed: int):
-    """A He-uniform over its fan-in (qwix's and PEFT's kaiming choice), B zeros; float32 whatever the
+    """A He-uniform over its fan-in (qwix's default; PEFT's is a Kaiming-uniform too), B zeros; float32 whatever the
     base's dtype (they are what the optimizer updates; the forward casts them to the compute dtype)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_adapters)
     key = jax.random.PRNGKey(seed)

@@ -139,7 +139,7 @@ def regime_section(regime: str, methods: dict, overrides: list[str], plots: list
     if second in methods and second != baseline:
         lines += differences_table(summarize(methods, "final"), second, "final held-out accuracy")
         lines += differences_table(summarize(methods, "final_beyond"), second, "final beyond-range accuracy")
-    lines += [""] + [f"![{regime} {p}]({Path(PAGE).stem}/{regime}/{p})" for p in plots] + [""]
+    lines += [""] + [line for p in plots for line in (f"![{regime} {p}]({Path(PAGE).stem}/{regime}/{p})", "")]
     return lines
 
 

@@ -1,4 +1,4 @@
-"""`g2rpo <subcommand>`: train, evaluate, plot, sweep, plan, export, compile."""
+"""`g2rpo <subcommand>`: train, evaluate, plot, sweep, study, plan, export, compile."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "evaluate": ("g2rpo_jax.evaluate", "evaluate a trained checkpoint on held-out problems"),
     "plot": ("g2rpo_jax.plot", "PNG plots of a run's metrics (reward, accuracy, L, KL)"),
     "sweep": ("g2rpo_jax.sweep", "run configs x seeds and write the replication table and plots"),
+    "study": ("g2rpo_jax.study", "the trace-quality study: methods x teacher-trace regimes x seeds, one page"),
     "plan": ("g2rpo_jax.plan", "memory per device for a config's model, batch and mesh; warns when it will not fit"),
     "export": ("g2rpo_jax.export", "write a run as HF safetensors (merged) or a PEFT LoRA adapter"),
     "compile": ("g2rpo_jax.compile", "compile the step for a TPU slice ahead of time: XLA's memory per chip, fits"),

@@ -189,6 +189,8 @@ def run_sweep(entries: list[tuple[str, Path]], seeds: list[int], output_root: Pa
     if cache:
         _say(f"JAX compilation cache: {cache}")
     plan = []
+    if not entries or not seeds:
+        return 0, 0
     for label, path in entries:
         for seed in seeds:
             out = run_dir(output_root, label, seed)
@@ -262,25 +264,33 @@ def build_parser(prog: str = "python -m g2rpo_jax.sweep") -> argparse.ArgumentPa
     return parser
 
 
-def main(argv=None, prog: str = "python -m g2rpo_jax.sweep") -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
+def resolve_args(args: argparse.Namespace, argv: list[str], prog: str) -> tuple[list[str], list[str], list[int], list[str], str]:
+    """(labels, configs, seeds, overrides, command) from parsed arguments; ValueError with the message of
+    a usage error (the caller prints it and exits 2)."""
     configs, extra1 = _split(args.configs)
     seed_strs, extra2 = _split(args.seeds)
     overrides = [*extra1, *extra2, *args.overrides]
     command = shlex.join([*shlex.split(prog), *argv])
-    t0 = time.perf_counter()
     try:
         seeds = [int(s) for s in seed_strs]
     except ValueError:
-        print(f"error: --seeds takes integers, got {' '.join(seed_strs)}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--seeds takes integers, got {' '.join(seed_strs)}") from None
     if not configs or not seeds:
-        print("error: give at least one config (--configs) and one seed (--seeds)", file=sys.stderr)
-        return 2
+        raise ValueError("give at least one config (--configs) and one seed (--seeds)")
     labels = [config_label(c) for c in configs]
     if len(set(labels)) != len(labels):
-        print(f"error: config names repeat: {' '.join(labels)}", file=sys.stderr)
+        raise ValueError(f"config names repeat: {' '.join(labels)}")
+    return labels, configs, seeds, overrides, command
+
+
+def main(argv=None, prog: str = "python -m g2rpo_jax.sweep") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        labels, configs, seeds, overrides, command = resolve_args(args, argv, prog)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
     def run_all():

@@ -23,6 +23,10 @@ PLOTS = (  # file, metric, y label, smoothed
     ("frac_reward_zero_std.png", "frac_reward_zero_std", "frac_reward_zero_std", True),
     ("guidance_length.png", "guidance/length", "guidance length L (tokens; 0 = no guided rollouts)", False),
 )
+# data.eval_beyond_steps: the held-out problems longer than any trained (the trace-quality study plots it)
+BEYOND_PLOT = ("beyond_accuracy.png", "eval/accuracy_beyond", "held-out accuracy beyond the trained range (greedy)",
+               False)
+EVAL_KEYS = ("eval/accuracy", "eval/accuracy_beyond")
 
 
 def machine_info() -> str:
@@ -105,6 +109,17 @@ def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
     if len(values) < 2:
         return m, None
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(methods: dict, stat: str = "final") -> dict:
+    """{label: (mean, sample std, n)} of one per-run statistic of `run_stats` over each method's seeds
+    (methods without a value are left out)."""
+    out = {}
+    for label, m in methods.items():
+        values = [r["stats"][stat] for _, r in sorted(m["runs"].items()) if r["stats"][stat] is not None]
+        if values:
+            out[label] = (*mean_std(values), len(values))
+    return out
 
 
 def _budget_text(cfg: Optional[dict]) -> str:
@@ -293,16 +308,16 @@ def mean_curve(runs: list[list[dict]], key: str) -> tuple[list[int], list[float]
             [max(per_step[s]) for s in steps])
 
 
-def write_plots(out: Path, methods: dict, smooth: Optional[int] = None) -> tuple[list[str], int]:
-    """The PNG plots; returns (file names, smoothing window used)."""
+def write_plots(out: Path, methods: dict, smooth: Optional[int] = None, plots=PLOTS) -> tuple[list[str], int]:
+    """The PNG plots (`plots`: PLOTS' rows); returns (file names, smoothing window used)."""
     out.mkdir(parents=True, exist_ok=True)
     last_step = max((r["stats"]["rl_steps"] for m in methods.values() for r in m["runs"].values()), default=0)
     if smooth is None:
         smooth = max(1, last_step // 30)
     written = []
-    for fname, key, ylabel, smoothed in PLOTS:
+    for fname, key, ylabel, smoothed in plots:
         title = ylabel + (f" ({smooth}-step moving average)" if smoothed and smooth > 1 else "")
-        bounded = key in ("eval/accuracy", "reward", "frac_reward_zero_std")
+        bounded = key in (*EVAL_KEYS, "reward", "frac_reward_zero_std")
         with figure(out / fname, title, "RL step", ylabel, size=(7, 4.2), dpi=110, title_size=10, legend_size=8, ylim=(-0.02, 1.02) if bounded else None) as ax:
             for i, (label, m) in enumerate(methods.items()):
                 _draw_method(ax, label, f"C{i % 10}", [r["rows"] for r in m["runs"].values()], key,
@@ -317,14 +332,14 @@ def _draw_method(ax, label: str, color: str, runs: list[list[dict]], key: str, s
     if not runs:
         return
     steps, mean, lo, hi = mean_curve(runs, key)
-    if key == "eval/accuracy" and steps and max(steps) == 0:
+    if key in EVAL_KEYS and steps and max(steps) == 0:
         ax.axhline(mean[0], color=color, linestyle="--", label=f"{label} (no RL)")
         return
-    rl = [s for s in steps if s > 0] if key != "eval/accuracy" else steps
+    rl = [s for s in steps if s > 0] if key not in EVAL_KEYS else steps
     if not rl:
         return
     keep = [steps.index(s) for s in rl]
     ax.plot(rl, _moving_average([mean[j] for j in keep], smooth), color=color, label=label,
-            marker="o" if key == "eval/accuracy" else None, markersize=3)
-    if key == "eval/accuracy" and len(runs) > 1:
+            marker="o" if key in EVAL_KEYS else None, markersize=3)
+    if key in EVAL_KEYS and len(runs) > 1:
         ax.fill_between(rl, [lo[j] for j in keep], [hi[j] for j in keep], color=color, alpha=0.15)

@@ -29,7 +29,7 @@ from pathlib import Path
 from g2rpo_jax.config import load_config
 from g2rpo_jax.errors import command_exit_code
 from g2rpo_jax.metrics import git_commit
-from g2rpo_jax.sweep import build_parser, resolve_args, resolve_config_path, run_sweep
+from g2rpo_jax.sweep import build_parser, parse_sweep_args, resolve_config_path, run_sweep
 from g2rpo_jax.sweep_report import (BEYOND_PLOT, PLOTS, _duration, build_table, collect, differences_table,
                                     machine_info, provenance, run_dir, summarize, write_plots)
 
@@ -190,13 +190,8 @@ def study_parser(prog: str = "python -m g2rpo_jax.study"):
 
 def main(argv=None, prog: str = "python -m g2rpo_jax.study") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = study_parser(prog).parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        labels, configs, seeds, overrides, command = resolve_args(args, argv, prog)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args, (labels, configs, seeds, overrides, command) = parse_sweep_args(study_parser(prog), argv, prog)
     root, left = Path(args.output_root), []
 
     def run_all():

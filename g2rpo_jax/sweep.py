@@ -283,15 +283,20 @@ def resolve_args(args: argparse.Namespace, argv: list[str], prog: str) -> tuple[
     return labels, configs, seeds, overrides, command
 
 
+def parse_sweep_args(parser: argparse.ArgumentParser, argv: list[str], prog: str):
+    """(args, (labels, configs, seeds, overrides, command)); a usage error exits 2 with argparse's usage
+    line, as the parser's own errors do."""
+    args = parser.parse_args(argv)
+    try:
+        return args, resolve_args(args, argv, prog)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def main(argv=None, prog: str = "python -m g2rpo_jax.sweep") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        labels, configs, seeds, overrides, command = resolve_args(args, argv, prog)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args, (labels, configs, seeds, overrides, command) = parse_sweep_args(build_parser(prog), argv, prog)
 
     def run_all():
         entries = [(label, resolve_config_path(c)) for label, c in zip(labels, configs)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from g2rpo_jax import sweep, sweep_report
+from g2rpo_jax import study, sweep, sweep_report
 from g2rpo_jax.config import load_config, to_dict
 from g2rpo_jax.metrics import read_metrics, series
 
@@ -229,3 +229,17 @@ def test_sweep_sizes_a_real_model_sft_baseline_by_its_own_rl_recipe(fake_train, 
     assert (sft.train.max_steps, sft.warm_start.steps, sft.warm_start.batch_size) == (0, 3, 8)
     text = (out / "replication.md").read_text()
     assert "SFT 3x8 (train-split traces)" in text and "3 steps x 2x4 = 24" in text
+
+
+@pytest.mark.parametrize("main", [sweep.main, study.main], ids=["sweep", "study"])
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "grpo", "--seeds", "zero"], "--seeds takes integers, got zero"),
+    (["--configs", "grpo", "grpo", "--seeds", "0"], "config names repeat: grpo grpo"),
+])
+def test_usage_errors_exit_2_with_the_usage_line_and_train_nothing(main, argv, message, fake_train, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--out", str(tmp_path / "o"), "--output-root", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and fake_train == []
+    assert err.startswith("usage:") and f"error: {message}" in err
+    assert not (tmp_path / "r").exists()

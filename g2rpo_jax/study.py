@@ -18,10 +18,16 @@ accuracy) and its plots under `<out>/trace_quality/<regime>/`.
   they run in the first regime only and their runs are shown in every section.
 - Runs go config by config (in the order of --configs), each in every regime, so a study stopped early
   has its first configs complete. Resumable as the sweep is; `--plots-only` rewrites the page from the run directories.
+- `--jobs N` splits the runs over N worker processes (every N-th run each, each pinned to its share of
+  the CPU cores: two XLA CPU processes on one core only slow each other), then writes the page. Workers
+  that need the same missing warm start train it once (the cache entry's lock, `warm_start.py`).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -185,7 +191,64 @@ def study_parser(prog: str = "python -m g2rpo_jax.study"):
     parser.add_argument("--note", action="append", default=[], help="a paragraph for the top of the page")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="minutes: start no run after this (runs go config by config, in --configs order)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the plan in this many worker processes, each pinned to its share of the CPU "
+                             "cores (CPU studies; keep 1 on one accelerator)")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by --jobs only
     return parser
+
+
+def worker_runs(plan: list[tuple], worker: int, jobs: int) -> list[tuple]:
+    """Worker `worker`'s share of the plan: every `jobs`-th run of the plan reordered config by config,
+    regime by regime, seeds fastest. So every worker has its part of every config (the long SFT runs
+    split evenly), and the workers start on different seeds: each seed's warm start is trained by one
+    worker while the others train other seeds, not wait on its lock."""
+    first = {}
+    for i, (_, label, *_rest) in enumerate(plan):
+        first.setdefault(label, i)
+    regimes = list(dict.fromkeys(run[0] for run in plan))
+    ordered = sorted(plan, key=lambda run: (first[run[1]], regimes.index(run[0])))  # stable: seeds keep order
+    return ordered[worker::jobs]
+
+
+def core_groups(cores: list[int], jobs: int) -> list[list[int]]:
+    """`cores` cut into `jobs` contiguous groups as even as can be (one core each when jobs equals the
+    cores; fewer cores than jobs is an error: two XLA CPU processes on one core only slow each other)."""
+    if not 1 <= jobs <= len(cores):
+        raise ValueError(f"--jobs {jobs}: this process may use {len(cores)} CPU core(s); give --jobs 1 to "
+                         f"{len(cores)}")
+    size, extra = divmod(len(cores), jobs)
+    starts = [k * size + min(k, extra) for k in range(jobs + 1)]
+    return [cores[starts[k]:starts[k + 1]] for k in range(jobs)]
+
+
+def pinned_command(cores: list[int], module: str, argv: list[str]) -> list[str]:
+    """A command that runs `python -m module argv` pinned to `cores`: the new interpreter pins itself
+    before any import starts a thread (so XLA's and BLAS's threads inherit it; a fork hook in this
+    multithreaded process could deadlock)."""
+    boot = (f"import os, runpy, sys; os.sched_setaffinity(0, {sorted(cores)!r}); "
+            f"sys.argv = [{module!r}, *sys.argv[1:]]; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", boot, *argv]
+
+
+def start_worker(argv: list[str], cores: list[int]) -> subprocess.Popen:
+    """This study's command with `argv` in a new process pinned to `cores`."""
+    return subprocess.Popen(pinned_command(cores, "g2rpo_jax.study", argv))
+
+
+def run_workers(argv: list[str], jobs: int) -> int:
+    """Start `jobs` copies of this command, each with --worker K and pinned to its cores; wait for all.
+    Returns the first non-zero exit code (0 when all finished)."""
+    groups = core_groups(sorted(os.sched_getaffinity(0)), jobs)
+    procs = []
+    for k, cores in enumerate(groups):
+        _say(f"worker {k}: cores {','.join(map(str, cores))}")
+        procs.append(start_worker([*argv, "--worker", str(k)], cores))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # the workers got the same Ctrl-C: let them keep what they finished
+        codes = [p.wait() for p in procs] + [130]
+    return next((c for c in codes if c), 0)
 
 
 def main(argv=None, prog: str = "python -m g2rpo_jax.study") -> int:
@@ -193,15 +256,29 @@ def main(argv=None, prog: str = "python -m g2rpo_jax.study") -> int:
     t0 = time.perf_counter()
     args, (labels, configs, seeds, overrides, command) = parse_sweep_args(study_parser(prog), argv, prog)
     root, left = Path(args.output_root), []
+    plan = regime_plan(args.regimes, labels, configs, seeds, overrides)
+    if args.worker is not None:
+        plan = worker_runs(plan, args.worker, args.jobs)
 
     def run_all():
-        plan = regime_plan(args.regimes, labels, configs, seeds, overrides)
         budget = None if args.time_budget is None else 60 * args.time_budget
         left.extend(run_plan(plan, root, args.max_steps, command, args.jax_cache or str(root / "jax_cache"), budget))
 
-    if not args.plots_only:
-        code = command_exit_code(run_all, "interrupted: finished runs are kept; rerun the same command to continue")
+    if args.jobs > 1 and args.worker is None and not args.plots_only:
+        try:
+            code = run_workers(argv, args.jobs)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if code:
+            _say(f"a worker stopped with exit code {code}: finished runs are kept; rerun the same command to continue")
+            return code
+        if args.time_budget is not None:  # each worker spent the budget on its share
+            left.extend((r, label, seed) for r, label, _, seed, _ in plan
+                        if not (run_dir(root / r, label, seed) / "summary.json").is_file())
+    elif not args.plots_only:
+        code = command_exit_code(run_all, "interrupted: finished runs are kept; rerun the same command to continue")
+        if code or args.worker is not None:  # a worker leaves the page to the command that started it
             return code
     sections = {r: regime_methods(root, args.regimes, r, labels, seeds) for r in args.regimes}
     if not any(m["runs"] for methods in sections.values() for m in methods.values()):

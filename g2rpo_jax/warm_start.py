@@ -15,6 +15,7 @@ start train it once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -24,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,6 +269,27 @@ def warm_start(cfg, model_cfg, tokenizer, graphdef, params, placement=None):
     arrays = None if cfg.data.source == "embedded" else sft_dataset(cfg, tokenizer, what)
     key = warm_start_key(cfg, model_cfg, tokenizer, arrays)
     path = Path(ws.cache_dir).expanduser() / key
+    with _cache_entry_lock(path, ws.use_cache):
+        return _cached_or_trained(cfg, tokenizer, graphdef, params, placement, arrays, key, path, what, t0)
+
+
+@contextlib.contextmanager
+def _cache_entry_lock(path: Path, use_cache: bool):
+    """Hold `<key>.lock` while one process looks up and fills a cache entry, so two runs started side by
+    side (the study's --jobs workers) train a missing warm start once: the second waits, then hits.
+    Single-process runs only: the processes of a multi-host run train together, and one waiting on a
+    lock another holds would stall its collectives."""
+    if not use_cache or jax.process_count() > 1:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(path) + ".lock"):
+        yield
+
+
+def _cached_or_trained(cfg, tokenizer, graphdef, params, placement, arrays, key: str, path: Path, what: list,
+                       t0: float):
+    ws = cfg.warm_start
     if ws.use_cache and (path / "params").exists() and (path / "info.json").exists():
         info = json.loads((path / "info.json").read_text())
         log.info("warm start: cache hit %s (SFT loss %.4f, %d steps); skipping SFT", path, info["loss"], info["steps"])

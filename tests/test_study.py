@@ -4,6 +4,8 @@ hand-made run directories."""
 
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,60 @@ def test_page_on_fake_run_dirs(tmp_path):
             assert f"(trace_quality/{regime}/{png})" in text
     assert "testbox" in text and "2m 30s" in text  # 15 recorded runs of 10 s (grpo counted once)
     assert json.loads((root / "clean" / "grpo" / "seed0" / "sweep_run.json").read_text())["wall_s"] == 10.0
+
+
+def test_core_groups_and_worker_shares():
+    assert study.core_groups([0, 1], 2) == [[0], [1]]
+    assert study.core_groups([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
+    assert study.core_groups([4, 5, 6, 7], 3) == [[4, 5], [6], [7]]
+    with pytest.raises(ValueError, match="--jobs 3: this process may use 2 CPU core"):
+        study.core_groups([0, 1], 3)
+    # a plan in the study's order (config, seed, regime); shares go config, regime, seed: seeds fastest
+    plan = [(r, c, None, s, []) for c in ("a", "b") for s in (0, 1, 2) for r in ("clean", "wrong20")]
+    shares = [[(c, r, s) for r, c, _, s, _ in study.worker_runs(plan, k, 2)] for k in range(2)]
+    assert shares == [[("a", "clean", 0), ("a", "clean", 2), ("a", "wrong20", 1),
+                       ("b", "clean", 0), ("b", "clean", 2), ("b", "wrong20", 1)],
+                      [("a", "clean", 1), ("a", "wrong20", 0), ("a", "wrong20", 2),
+                       ("b", "clean", 1), ("b", "wrong20", 0), ("b", "wrong20", 2)]]
+    assert sorted(sum(shares, [])) == sorted((c, r, s) for r, c, _, s, _ in plan)  # disjoint, the whole plan
+
+
+def test_jobs_split_the_runs_over_pinned_workers_then_write_one_page(fake_train, tmp_path, monkeypatch):
+    """--jobs 2 with the worker processes replaced by in-process calls (fake_train only patches this
+    process): each run is trained once, by the worker whose share it is, under that worker's cores."""
+    monkeypatch.chdir(ROOT)
+    started = []
+
+    class InProcess:  # what run_workers uses of a started worker
+        def __init__(self, argv, cores):
+            assert argv[-2] == "--worker"
+            before = len(fake_train)
+            self.code = study.main(argv)
+            started.append((int(argv[-1]), cores, [(p.parent.parent.name, p.parent.name, p.name)
+                                                   for p, _ in fake_train[before:]]))
+
+        def wait(self):
+            return self.code
+
+    monkeypatch.setattr(study, "start_worker", InProcess)
+    monkeypatch.setattr(study.os, "sched_getaffinity", lambda pid: {0, 1})
+    root, out = tmp_path / "runs", tmp_path / "results"
+    args = ["--configs", "g2rpo_a", "sft", "--regimes", "clean", "wrong20", "--seeds", "0", "--out", str(out),
+            "--output-root", str(root), "--max-steps", "2", "--jax-cache", "none", "--jobs", "2"]
+    assert study.main(args) == 0
+    assert started == [(0, [0], [("clean", "g2rpo_a", "seed0"), ("clean", "sft", "seed0")]),
+                       (1, [1], [("wrong20", "g2rpo_a", "seed0"), ("wrong20", "sft", "seed0")])]
+    text = (out / "trace_quality.md").read_text()
+    # one page with both regimes, under the parent's command
+    assert "## Regime `clean`" in text and "## Regime `wrong20`" in text and "--jobs 2" in text and "--worker" not in text
+    assert study.main([*args[:-1], "3"]) == 2  # more workers than cores: a one-line error, nothing run
+
+
+def test_pinned_command_runs_the_module_on_the_given_cores(tmp_path):
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    core = max(os.sched_getaffinity(0))
+    (tmp_path / "show_cores.py").write_text("import os, sys\nprint(sorted(os.sched_getaffinity(0)), sys.argv[1:])\n")
+    got = subprocess.run(study.pinned_command([core], "show_cores", ["--a", "b"]), capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, check=True)
+    assert got.stdout.strip() == f"[{core}] ['--a', 'b']"

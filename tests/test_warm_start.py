@@ -223,3 +223,33 @@ def test_smollm2_sft_config_runs_through_the_sweep(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warm start: SFT on 6 train-split traces of reasoning_gym gsm_symbolic" in err
     assert "SFT 2x2 (train-split traces)" in (out / "replication.md").read_text()
+
+
+def test_a_cache_entry_is_filled_by_one_process_at_a_time(tmp_path):
+    """While one holder has the entry's lock (another process training the same warm start), a second
+    lookup waits, and goes on once the lock is released."""
+    import threading
+
+    import filelock
+
+    from g2rpo_jax.warm_start import _cache_entry_lock
+
+    entry = tmp_path / "cache" / "somekey"
+    other = filelock.FileLock(str(entry) + ".lock")
+    entry.parent.mkdir()
+    other.acquire()
+    inside = threading.Event()
+
+    def lookup():
+        with _cache_entry_lock(entry, use_cache=True):
+            inside.set()
+
+    thread = threading.Thread(target=lookup)
+    thread.start()
+    assert not inside.wait(0.5)  # blocked by the holder
+    other.release()
+    assert inside.wait(10)
+    thread.join()
+    with _cache_entry_lock(tmp_path / "nowhere" / "k", use_cache=False):  # no cache: no lock file, no folder
+        pass
+    assert not (tmp_path / "nowhere").exists()

@@ -179,6 +179,13 @@ def write_page(out: Path, sections: dict, command: str, *, baseline: str = "guid
     return path
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
 def study_parser(prog: str = "python -m g2rpo_jax.study"):
     """The sweep's options with the study's defaults, plus --regimes and --note."""
     parser = build_parser(prog)
@@ -191,7 +198,7 @@ def study_parser(prog: str = "python -m g2rpo_jax.study"):
     parser.add_argument("--note", action="append", default=[], help="a paragraph for the top of the page")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="minutes: start no run after this (runs go config by config, in --configs order)")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=positive_int, default=1,
                         help="run the plan in this many worker processes, each pinned to its share of the CPU "
                              "cores (CPU studies; keep 1 on one accelerator)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by --jobs only

@@ -159,6 +159,8 @@ def test_jobs_split_the_runs_over_pinned_workers_then_write_one_page(fake_train,
     # one page with both regimes, under the parent's command
     assert "## Regime `clean`" in text and "## Regime `wrong20`" in text and "--jobs 2" in text and "--worker" not in text
     assert study.main([*args[:-1], "3"]) == 2  # more workers than cores: a one-line error, nothing run
+    with pytest.raises(SystemExit):
+        study.main([*args[:-1], "0"])
 
 
 def test_pinned_command_runs_the_module_on_the_given_cores(tmp_path):

@@ -320,17 +320,24 @@ def write_plots(out: Path, methods: dict, smooth: Optional[int] = None, plots=PL
         bounded = key in (*EVAL_KEYS, "reward", "frac_reward_zero_std")
         with figure(out / fname, title, "RL step", ylabel, size=(7, 4.2), dpi=110, title_size=10, legend_size=8, ylim=(-0.02, 1.02) if bounded else None) as ax:
             for i, (label, m) in enumerate(methods.items()):
-                _draw_method(ax, label, f"C{i % 10}", [r["rows"] for r in m["runs"].values()], key,
+                _draw_method(ax, label, method_style(i), [r["rows"] for r in m["runs"].values()], key,
                              smooth if smoothed else 1)
         written.append(fname)
     return written, smooth
 
 
-def _draw_method(ax, label: str, color: str, runs: list[list[dict]], key: str, smooth: int) -> None:
+def method_style(index: int) -> tuple[str, str]:
+    """(color, line style) of the index-th method: the 10 default colors, then again dotted, so a
+    study of more than 10 methods never draws two with the same line."""
+    return f"C{index % 10}", ("-", ":", "-.")[(index // 10) % 3]
+
+
+def _draw_method(ax, label: str, style: tuple[str, str], runs: list[list[dict]], key: str, smooth: int) -> None:
     """One method's mean curve over its runs (a band from min to max for held-out accuracy); an
     SFT-only method (no RL step) is a dashed line at its one evaluation."""
     if not runs:
         return
+    color, linestyle = style
     steps, mean, lo, hi = mean_curve(runs, key)
     if key in EVAL_KEYS and steps and max(steps) == 0:
         ax.axhline(mean[0], color=color, linestyle="--", label=f"{label} (no RL)")
@@ -339,7 +346,7 @@ def _draw_method(ax, label: str, color: str, runs: list[list[dict]], key: str, s
     if not rl:
         return
     keep = [steps.index(s) for s in rl]
-    ax.plot(rl, _moving_average([mean[j] for j in keep], smooth), color=color, label=label,
-            marker="o" if key in EVAL_KEYS else None, markersize=3)
+    ax.plot(rl, _moving_average([mean[j] for j in keep], smooth), color=color, linestyle=linestyle,
+            label=label, marker="o" if key in EVAL_KEYS else None, markersize=3)
     if key in EVAL_KEYS and len(runs) > 1:
         ax.fill_between(rl, [lo[j] for j in keep], [hi[j] for j in keep], color=color, alpha=0.15)

@@ -243,3 +243,10 @@ def test_usage_errors_exit_2_with_the_usage_line_and_train_nothing(main, argv, m
     assert stop.value.code == 2 and fake_train == []
     assert err.startswith("usage:") and f"error: {message}" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_every_method_of_a_large_study_gets_its_own_line_style():
+    # the study plots 11 methods; the default color cycle has 10, so the 11th must differ in line style
+    styles = [sweep_report.method_style(i) for i in range(25)]
+    assert len(set(styles)) == 25
+    assert styles[0] == ("C0", "-") and styles[10] == ("C0", ":") and styles[20] == ("C0", "-.")

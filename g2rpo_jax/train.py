@@ -482,9 +482,9 @@ def save_checkpoint(run: Run, ckpt, state: TrainState, step: int, wait: bool = F
 
 
 def report_step(cfg: Config, row: dict, bar) -> None:
-    if bar is not None:
-        bar.update(1)
+    if bar is not None:  # postfix first: update() redraws, so the count and the metrics are the same step's
         bar.set_postfix(console_summary(row), refresh=False)
+        bar.update(1)
     if cfg.train.log_every and row["step"] % cfg.train.log_every == 0 or "eval/accuracy" in row:
         log.info("step %d: %s", row["step"], " ".join(f"{k}={v}" for k, v in console_summary(row).items()))
 

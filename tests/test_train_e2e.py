@@ -1,15 +1,17 @@
 """A short end-to-end run through the real CLI entry point: state and metrics advance."""
 
+import io
 import json
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from tqdm import tqdm
 
 from g2rpo_jax.config import load_config
 from g2rpo_jax.evaluate import evaluate_run
-from g2rpo_jax.train import main, train
+from g2rpo_jax.train import main, report_step, train
 from tiny_run import tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +78,16 @@ def test_evaluate_cli_reads_the_finished_run(run):
     # the evaluator re-runs greedy decoding on the saved params: it must agree with the training log
     assert summary["greedy_accuracy"] == pytest.approx(result["last"]["eval/accuracy"])
     assert 0.0 <= summary["pass@1"] <= summary["pass@2"] <= 1.0
+
+
+def test_progress_bar_shows_each_steps_metrics_beside_its_count():
+    cfg = load_config("configs/default.yaml", ["train.log_every=0"])
+    buf = io.StringIO()
+    bar = tqdm(total=2, file=buf, mininterval=0, miniters=1, ncols=200)
+    report_step(cfg, {"step": 1, "reward": 0.25, "guidance/length": 40}, bar)
+    report_step(cfg, {"step": 2, "reward": 0.75, "guidance/length": 12}, bar)
+    frames = buf.getvalue().split("\r")
+    one = [f for f in frames if " 1/2 " in f]
+    two = [f for f in frames if " 2/2 " in f]
+    assert one and all("rew=0.250" in f and "L=40" in f for f in one)
+    assert two and all("rew=0.750" in f and "L=12" in f for f in two)

@@ -1,7 +1,8 @@
-"""`g2rpo evaluate --checkpoint runs/demo [--num-samples k]`: held-out accuracy of a trained run.
+"""`g2rpo evaluate runs/demo [--num-samples k]`: held-out accuracy of a trained run.
 
-`--checkpoint` is a run directory (its final/ params, else its newest step checkpoint) or one step
-checkpoint `runs/demo/checkpoints/<step>`.
+The run (given as the argument, as `g2rpo plot` and `g2rpo export` take it, or as `--checkpoint`) is a
+run directory (its final/ params, else its newest step checkpoint) or one step checkpoint
+`runs/demo/checkpoints/<step>`.
 
 A completion is scored by the run's ``reward.controller_signal`` reward with the run's reward settings
 (the embedded "accuracy", "math_accuracy", the "code" pass fraction, ...), on the held-out problems of
@@ -120,6 +121,7 @@ def difficulty_table(rows: list[dict], num_samples: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="g2rpo evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", metavar="RUN", help="the same as --checkpoint RUN")
     parser.add_argument("--checkpoint",
                         help="a run's train.output_dir (its final/ params, else its newest step checkpoint), its "
                              "final/ dir, or one step checkpoint <output_dir>/checkpoints/<step>")
@@ -157,6 +159,9 @@ def main(argv=None) -> int:
     math.add_argument("--stop", action="append", default=[], metavar="TEXT",
                       help="stop a completion after this text (repeatable)")
     args = parser.parse_args(argv)
+    if args.run and args.checkpoint and args.run != args.checkpoint:
+        parser.error(f"two runs given ({args.run} and --checkpoint {args.checkpoint}): give one")
+    args.checkpoint = args.checkpoint or args.run
     setup_logging()
     if args.task == "humaneval":
         return humaneval_main(args)

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from g2rpo_jax.config import load_config
 from g2rpo_jax.evaluate import evaluate_run
+from g2rpo_jax.evaluate import main as evaluate_main
 from g2rpo_jax.train import main, report_step, train
 from tiny_run import tiny_run_overrides
 
@@ -78,6 +79,18 @@ def test_evaluate_cli_reads_the_finished_run(run):
     # the evaluator re-runs greedy decoding on the saved params: it must agree with the training log
     assert summary["greedy_accuracy"] == pytest.approx(result["last"]["eval/accuracy"])
     assert 0.0 <= summary["pass@1"] <= summary["pass@2"] <= 1.0
+
+
+def test_evaluate_takes_the_run_as_its_argument_like_plot_and_export(run, capsys):
+    tmp, _, result = run
+    assert evaluate_main([str(tmp / "run"), "--out", str(tmp / "eval_positional.jsonl")]) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(kv.split("=", 1) for kv in last_line.split())
+    assert float(fields["greedy_accuracy"]) == pytest.approx(result["last"]["eval/accuracy"], abs=1e-4)
+    with pytest.raises(SystemExit) as e:
+        evaluate_main([str(tmp / "run"), "--checkpoint", str(tmp / "other")])
+    assert e.value.code == 2
+    assert "give one" in capsys.readouterr().err
 
 
 def test_progress_bar_shows_each_steps_metrics_beside_its_count():

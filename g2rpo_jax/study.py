@@ -21,14 +21,18 @@ accuracy) and its plots under `<out>/trace_quality/<regime>/`.
 - `--jobs N` splits the runs over N worker processes (every N-th run each, each pinned to its share of
   the CPU cores: two XLA CPU processes on one core only slow each other), then writes the page. Workers
   that need the same missing warm start train it once (the cache entry's lock, `warm_start.py`).
+  Ctrl-C or a SIGTERM to the study (passed on to the workers) checkpoints every run in progress; the
+  same command then continues them.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -245,16 +249,31 @@ def start_worker(argv: list[str], cores: list[int]) -> subprocess.Popen:
 
 def run_workers(argv: list[str], jobs: int) -> int:
     """Start `jobs` copies of this command, each with --worker K and pinned to its cores; wait for all.
+    A SIGTERM to this process (a preemption, `timeout`, `kill`) is passed on to the workers, which
+    checkpoint their runs and stop, as a Ctrl-C reaches them through the terminal.
     Returns the first non-zero exit code (0 when all finished)."""
     groups = core_groups(sorted(os.sched_getaffinity(0)), jobs)
     procs = []
-    for k, cores in enumerate(groups):
-        _say(f"worker {k}: cores {','.join(map(str, cores))}")
-        procs.append(start_worker([*argv, "--worker", str(k)], cores))
+
+    def forward(signum, _frame):
+        _say(f"{signal.Signals(signum).name}: passed on to the workers")
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
+    previous = signal.signal(signal.SIGTERM, forward) if in_main_thread else None
     try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:  # the workers got the same Ctrl-C: let them keep what they finished
-        codes = [p.wait() for p in procs] + [130]
+        for k, cores in enumerate(groups):
+            _say(f"worker {k}: cores {','.join(map(str, cores))}")
+            procs.append(start_worker([*argv, "--worker", str(k)], cores))
+        try:
+            codes = [p.wait() for p in procs]
+        except KeyboardInterrupt:  # the workers got the same Ctrl-C: let them keep what they finished
+            codes = [p.wait() for p in procs] + [130]
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return next((c for c in codes if c), 0)
 
 

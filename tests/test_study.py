@@ -5,7 +5,11 @@ hand-made run directories."""
 import json
 import math
 import os
+import signal
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -171,3 +175,31 @@ def test_pinned_command_runs_the_module_on_the_given_cores(tmp_path):
     got = subprocess.run(study.pinned_command([core], "show_cores", ["--a", "b"]), capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, check=True)
     assert got.stdout.strip() == f"[{core}] ['--a', 'b']"
+
+
+def test_a_sigterm_to_the_study_reaches_every_worker(tmp_path, monkeypatch):
+    """A preemption's SIGTERM goes to the parent only: run_workers passes it on, so the workers stop
+    (here: real processes that exit 7 on SIGTERM) instead of running on, orphaned."""
+    child = ("import pathlib, signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+             "pathlib.Path(sys.argv[1]).touch()\n"
+             "time.sleep(60)\n")
+    monkeypatch.setattr(study, "start_worker",
+                        lambda argv, cores: subprocess.Popen([sys.executable, "-c", child, str(tmp_path / argv[-1])]))
+    monkeypatch.setattr(study.os, "sched_getaffinity", lambda pid: {0, 1})
+    default = signal.getsignal(signal.SIGTERM)
+
+    def preempt():  # once both workers are up, and only if our handler is in place (else pytest would die)
+        deadline = time.time() + 30
+        while time.time() < deadline and not all((tmp_path / k).exists() for k in "01"):
+            time.sleep(0.05)
+        if signal.getsignal(signal.SIGTERM) is not default:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Thread(target=preempt)
+    timer.start()
+    t0 = time.time()
+    assert study.run_workers(["--configs", "g2rpo_a"], 2) == 7
+    timer.join()
+    assert time.time() - t0 < 30  # stopped by the signal, not by the children's 60 s sleep
+    assert signal.getsignal(signal.SIGTERM) is default  # restored

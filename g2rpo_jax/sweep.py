@@ -32,6 +32,7 @@ sums the wall times and lists every commit and machine the runs came from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -181,9 +182,6 @@ def rollout_budget(cfg) -> int:
 def run_sweep(entries: list[tuple[str, Path]], seeds: list[int], output_root: Path, overrides: list[str],
               max_steps: Optional[int], command: str, jax_cache: Optional[str] = None) -> tuple[int, int]:
     """Train every config x seed that is not done yet; returns (trained, skipped)."""
-    import dataclasses
-
-
     setup_logging()
     cache = use_compilation_cache(jax_cache)
     if cache:

@@ -94,7 +94,7 @@ def test_evaluate_takes_the_run_as_its_argument_like_plot_and_export(run, capsys
 
 
 def test_progress_bar_shows_each_steps_metrics_beside_its_count():
-    cfg = load_config("configs/default.yaml", ["train.log_every=0"])
+    cfg = load_config(str(ROOT / "configs" / "default.yaml"), ["train.log_every=0"])
     buf = io.StringIO()
     bar = tqdm(total=2, file=buf, mininterval=0, miniters=1, ncols=200)
     report_step(cfg, {"step": 1, "reward": 0.25, "guidance/length": 40}, bar)

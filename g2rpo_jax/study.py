@@ -18,9 +18,10 @@ accuracy) and its plots under `<out>/trace_quality/<regime>/`.
   they run in the first regime only and their runs are shown in every section.
 - Runs go config by config (in the order of --configs), each in every regime, so a study stopped early
   has its first configs complete. Resumable as the sweep is; `--plots-only` rewrites the page from the run directories.
-- `--jobs N` splits the runs over N worker processes (every N-th run each, each pinned to its share of
-  the CPU cores: two XLA CPU processes on one core only slow each other), then writes the page. Workers
-  that need the same missing warm start train it once (the cache entry's lock, `warm_start.py`).
+- `--jobs N` splits the runs not finished yet over N worker processes (every N-th each, each pinned
+  to its share of the CPU cores: two XLA CPU processes on one core only slow each other), then writes
+  the page. Workers that need the same missing warm start train it once (the cache entry's lock,
+  `warm_start.py`).
   Ctrl-C or a SIGTERM to the study (passed on to the workers) checkpoints every run in progress; the
   same command then continues them.
 """
@@ -36,10 +37,10 @@ import threading
 import time
 from pathlib import Path
 
-from g2rpo_jax.config import load_config
+from g2rpo_jax.config import load_config, to_dict
 from g2rpo_jax.errors import command_exit_code
 from g2rpo_jax.metrics import git_commit
-from g2rpo_jax.sweep import build_parser, parse_sweep_args, resolve_config_path, run_sweep
+from g2rpo_jax.sweep import build_parser, is_done, parse_sweep_args, resolve_config_path, run_overrides, run_sweep
 from g2rpo_jax.sweep_report import (BEYOND_PLOT, PLOTS, _duration, build_table, collect, differences_table,
                                     machine_info, provenance, run_dir, summarize, write_plots)
 
@@ -206,20 +207,40 @@ def study_parser(prog: str = "python -m g2rpo_jax.study"):
                         help="run the plan in this many worker processes, each pinned to its share of the CPU "
                              "cores (CPU studies; keep 1 on one accelerator)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by --jobs only
+    parser.add_argument("--share", type=positions, default=[], help=argparse.SUPPRESS)  # the worker's runs
     return parser
 
 
-def worker_runs(plan: list[tuple], worker: int, jobs: int) -> list[tuple]:
-    """Worker `worker`'s share of the plan: every `jobs`-th run of the plan reordered config by config,
-    regime by regime, seeds fastest. So every worker has its part of every config (the long SFT runs
-    split evenly), and the workers start on different seeds: each seed's warm start is trained by one
-    worker while the others train other seeds, not wait on its lock."""
+def study_order(plan: list[tuple]) -> list[tuple]:
+    """The plan reordered config by config, regime by regime, seeds fastest: dealt in turn to the
+    workers, every worker has its part of every config (the long SFT runs split evenly), and the
+    workers start on different seeds, so each seed's warm start is trained by one worker while the
+    others train other seeds, not wait on its lock."""
     first = {}
     for i, (_, label, *_rest) in enumerate(plan):
         first.setdefault(label, i)
     regimes = list(dict.fromkeys(run[0] for run in plan))
-    ordered = sorted(plan, key=lambda run: (first[run[1]], regimes.index(run[0])))  # stable: seeds keep order
-    return ordered[worker::jobs]
+    return sorted(plan, key=lambda run: (first[run[1]], regimes.index(run[0])))  # stable: seeds keep order
+
+
+def worker_shares(plan: list[tuple], jobs: int, done) -> list[list[int]]:
+    """Positions in `study_order(plan)` for each of `jobs` workers: the runs not `done` yet, dealt in
+    turn, so a resumed or topped-up study splits what is left evenly, not the whole plan."""
+    pending = [i for i, run in enumerate(study_order(plan)) if not done(run)]
+    return [pending[k::jobs] for k in range(jobs)]
+
+
+def run_is_done(root: Path, run: tuple, max_steps) -> bool:
+    """Whether the sweep would skip this run: finished, with the settings it would run now."""
+    regime, label, path, seed, run_over = run
+    out = run_dir(root / regime, label, seed)
+    cfg = load_config(str(path), run_overrides(path, seed, out, run_over, max_steps))
+    return is_done(out, to_dict(cfg))[0]
+
+
+def positions(text: str) -> list[int]:
+    """argparse type of the hidden --share: comma-separated positions, possibly none."""
+    return [int(x) for x in text.split(",") if x]
 
 
 def core_groups(cores: list[int], jobs: int) -> list[list[int]]:
@@ -247,12 +268,13 @@ def start_worker(argv: list[str], cores: list[int]) -> subprocess.Popen:
     return subprocess.Popen(pinned_command(cores, "g2rpo_jax.study", argv))
 
 
-def run_workers(argv: list[str], jobs: int) -> int:
-    """Start `jobs` copies of this command, each with --worker K and pinned to its cores; wait for all.
+def run_workers(argv: list[str], shares: list[list[int]]) -> int:
+    """Start one copy of this command per share, each with --worker K --share <its positions> and
+    pinned to its cores; wait for all.
     A SIGTERM to this process (a preemption, `timeout`, `kill`) is passed on to the workers, which
     checkpoint their runs and stop, as a Ctrl-C reaches them through the terminal.
     Returns the first non-zero exit code (0 when all finished)."""
-    groups = core_groups(sorted(os.sched_getaffinity(0)), jobs)
+    groups = core_groups(sorted(os.sched_getaffinity(0)), len(shares))
     procs = []
 
     def forward(signum, _frame):
@@ -266,7 +288,8 @@ def run_workers(argv: list[str], jobs: int) -> int:
     try:
         for k, cores in enumerate(groups):
             _say(f"worker {k}: cores {','.join(map(str, cores))}")
-            procs.append(start_worker([*argv, "--worker", str(k)], cores))
+            share = ",".join(map(str, shares[k]))
+            procs.append(start_worker([*argv, "--worker", str(k), "--share", share], cores))
         try:
             codes = [p.wait() for p in procs]
         except KeyboardInterrupt:  # the workers got the same Ctrl-C: let them keep what they finished
@@ -284,7 +307,8 @@ def main(argv=None, prog: str = "python -m g2rpo_jax.study") -> int:
     root, left = Path(args.output_root), []
     plan = regime_plan(args.regimes, labels, configs, seeds, overrides)
     if args.worker is not None:
-        plan = worker_runs(plan, args.worker, args.jobs)
+        ordered = study_order(plan)
+        plan = [ordered[i] for i in args.share]
 
     def run_all():
         budget = None if args.time_budget is None else 60 * args.time_budget
@@ -292,7 +316,7 @@ def main(argv=None, prog: str = "python -m g2rpo_jax.study") -> int:
 
     if args.jobs > 1 and args.worker is None and not args.plots_only:
         try:
-            code = run_workers(argv, args.jobs)
+            code = run_workers(argv, worker_shares(plan, args.jobs, lambda run: run_is_done(root, run, args.max_steps)))
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -126,12 +126,20 @@ def test_core_groups_and_worker_shares():
         study.core_groups([0, 1], 3)
     # a plan in the study's order (config, seed, regime); shares go config, regime, seed: seeds fastest
     plan = [(r, c, None, s, []) for c in ("a", "b") for s in (0, 1, 2) for r in ("clean", "wrong20")]
-    shares = [[(c, r, s) for r, c, _, s, _ in study.worker_runs(plan, k, 2)] for k in range(2)]
+    ordered = study.study_order(plan)
+
+    def named(share):
+        return [(ordered[i][1], ordered[i][0], ordered[i][3]) for i in share]
+
+    shares = [named(share) for share in study.worker_shares(plan, 2, lambda run: False)]
     assert shares == [[("a", "clean", 0), ("a", "clean", 2), ("a", "wrong20", 1),
                        ("b", "clean", 0), ("b", "clean", 2), ("b", "wrong20", 1)],
                       [("a", "clean", 1), ("a", "wrong20", 0), ("a", "wrong20", 2),
                        ("b", "clean", 1), ("b", "wrong20", 0), ("b", "wrong20", 2)]]
     assert sorted(sum(shares, [])) == sorted((c, r, s) for r, c, _, s, _ in plan)  # disjoint, the whole plan
+    # a top-up (seeds 0 and 1 finished): only seed 2 is left, and both workers get half of it
+    topup = [named(share) for share in study.worker_shares(plan, 2, lambda run: run[3] < 2)]
+    assert topup == [[("a", "clean", 2), ("b", "clean", 2)], [("a", "wrong20", 2), ("b", "wrong20", 2)]]
 
 
 def test_jobs_split_the_runs_over_pinned_workers_then_write_one_page(fake_train, tmp_path, monkeypatch):
@@ -142,10 +150,10 @@ def test_jobs_split_the_runs_over_pinned_workers_then_write_one_page(fake_train,
 
     class InProcess:  # what run_workers uses of a started worker
         def __init__(self, argv, cores):
-            assert argv[-2] == "--worker"
+            assert argv[-4] == "--worker" and argv[-2] == "--share"
             before = len(fake_train)
             self.code = study.main(argv)
-            started.append((int(argv[-1]), cores, [(p.parent.parent.name, p.parent.name, p.name)
+            started.append((int(argv[-3]), cores, [(p.parent.parent.name, p.parent.name, p.name)
                                                    for p, _ in fake_train[before:]]))
 
         def wait(self):
@@ -162,6 +170,11 @@ def test_jobs_split_the_runs_over_pinned_workers_then_write_one_page(fake_train,
     text = (out / "trace_quality.md").read_text()
     # one page with both regimes, under the parent's command
     assert "## Regime `clean`" in text and "## Regime `wrong20`" in text and "--jobs 2" in text and "--worker" not in text
+    # a top-up: seed 1 added; the finished seed-0 runs are dealt to no one, so the new runs split evenly
+    started.clear()
+    assert study.main([*args[:7], "0", "1", *args[8:]]) == 0
+    assert started == [(0, [0], [("clean", "g2rpo_a", "seed1"), ("clean", "sft", "seed1")]),
+                       (1, [1], [("wrong20", "g2rpo_a", "seed1"), ("wrong20", "sft", "seed1")])]
     assert study.main([*args[:-1], "3"]) == 2  # more workers than cores: a one-line error, nothing run
     with pytest.raises(SystemExit):
         study.main([*args[:-1], "0"])
@@ -199,7 +212,7 @@ def test_a_sigterm_to_the_study_reaches_every_worker(tmp_path, monkeypatch):
     timer = threading.Thread(target=preempt)
     timer.start()
     t0 = time.time()
-    assert study.run_workers(["--configs", "g2rpo_a"], 2) == 7
+    assert study.run_workers(["--configs", "g2rpo_a"], [[0], [1]]) == 7  # the files are named by the shares
     timer.join()
     assert time.time() - t0 < 30  # stopped by the signal, not by the children's 60 s sleep
     assert signal.getsignal(signal.SIGTERM) is default  # restored
